@@ -1,0 +1,397 @@
+"""The ``forecast`` command line. Every command has ``--help``; errors are one line."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import functools
+import io
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+
+from forecast.errors import ForecastError
+from forecast.logs import setup_logging
+from forecast.settings import Settings, load_settings
+
+
+def _settings() -> Settings:
+    settings = load_settings()
+    setup_logging(settings.log_level)
+    return settings
+
+
+def command(group: click.Group, name: str | None = None, **kwargs: Any) -> Callable:
+    """A click command whose ForecastError becomes one line on stderr and exit 1."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kw: Any) -> Any:
+            try:
+                return fn(*args, **kw)
+            except ForecastError as exc:
+                click.echo(f"error: {exc.message}", err=True)
+                sys.exit(1)
+            except KeyboardInterrupt:
+                sys.exit(130)
+
+        return group.command(name, **kwargs)(wrapper)
+
+    return decorate
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="forecast-engine")
+def main() -> None:
+    """Streaming real-time forecasting engine.
+
+    Configuration comes from FORECAST_* environment variables (see the README).
+    """
+
+
+# -- running ----------------------------------------------------------------------------
+
+
+@command(main, "up")
+@click.option(
+    "--replay",
+    "replay_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Feed this wide CSV once the system is up.",
+)
+@click.option(
+    "--simulate",
+    "sensors",
+    type=click.IntRange(min=1),
+    help="Feed N simulated sensors once the system is up.",
+)
+@click.option(
+    "--speed",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Replay speed, times real time (0 = as fast as possible).",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0.1),
+    default=100.0,
+    show_default=True,
+    help="Simulated readings per second, all sensors together.",
+)
+def up(replay_file: Path | None, sensors: int | None, speed: float, rate: float) -> None:
+    """Run everything on embedded defaults: broker, worker, gateway, dashboard."""
+    from forecast.runtime import Parts, run
+    from streams.feeds import replay_csv, simulate
+
+    settings = _settings()
+    feeder = None
+    if replay_file is not None:
+        feeder = functools.partial(_replay_feeder, replay_csv, replay_file, speed)
+    elif sensors is not None:
+        feeder = functools.partial(_simulate_feeder, simulate, sensors, rate)
+    asyncio.run(run(settings, Parts(worker=True, gateway=True), feeder=feeder))
+
+
+async def _replay_feeder(
+    replay_csv: Callable, path: Path, speed: float, producer: Any, topic: str
+) -> int:
+    return await replay_csv(producer, topic, path, speed=speed)
+
+
+async def _simulate_feeder(
+    simulate: Callable, sensors: int, rate: float, producer: Any, topic: str
+) -> int:
+    return await simulate(producer, topic, sensors=sensors, rate=rate)
+
+
+@command(main, "worker")
+def worker() -> None:
+    """Run a stream worker (and its /metrics, /healthz, /readyz on FORECAST_HTTP_PORT)."""
+    from forecast.runtime import Parts, run
+
+    asyncio.run(run(_settings(), Parts(worker=True, gateway=False)))
+
+
+@command(main, "gateway")
+def gateway() -> None:
+    """Run the websocket gateway and the HTTP API."""
+    from forecast.runtime import Parts, run
+
+    asyncio.run(run(_settings(), Parts(worker=False, gateway=True)))
+
+
+@command(main, "broker")
+def broker() -> None:
+    """Run the embedded Kafka broker (tansu, in memory) with the engine's topics."""
+    from streams.broker import EmbeddedBroker, ensure_topics
+
+    settings = _settings()
+
+    async def serve() -> None:
+        async with EmbeddedBroker(settings.broker_port) as embedded:
+            await ensure_topics(embedded.bootstrap, settings)
+            click.echo(f"kafka: {embedded.bootstrap} (in memory: nothing kept after stop)")
+            click.echo(f"use: FORECAST_KAFKA_BOOTSTRAP={embedded.bootstrap}; Ctrl-C to stop")
+            await _until_signalled()
+
+    asyncio.run(serve())
+
+
+async def _until_signalled() -> None:
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+# -- feeding ----------------------------------------------------------------------------
+
+
+def _bootstrap(settings: Settings) -> str:
+    if settings.kafka_bootstrap is None:
+        raise ForecastError(
+            "FORECAST_KAFKA_BOOTSTRAP is not set: start `forecast broker` or `forecast up`, "
+            "or use `forecast up --replay FILE`"
+        )
+    return settings.kafka_bootstrap
+
+
+async def _with_producer(settings: Settings, send: Callable) -> int:
+    from aiokafka import AIOKafkaProducer
+
+    from streams.broker import wait_until_ready
+
+    bootstrap = _bootstrap(settings)
+    await wait_until_ready(bootstrap, 10.0)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all")
+    await producer.start()
+    try:
+        return await send(producer, settings.topic("readings"))
+    finally:
+        await producer.stop()
+
+
+def _progress(label: str) -> Callable[[int], None]:
+    def report(sent: int) -> None:
+        click.echo(f"\r{label}: {sent} readings sent", nl=False, err=True)
+
+    return report
+
+
+@command(main, "replay")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--prefix", help="Sensor id prefix (default: the file name without extension).")
+@click.option(
+    "--speed",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Times real time; 0 = as fast as possible.",
+)
+@click.option("--limit", type=click.IntRange(min=1), help="Send at most this many rows.")
+@click.option(
+    "--batch/--no-batch",
+    default=False,
+    show_default=True,
+    help="Send each row as one batch record (JSON array).",
+)
+def replay(file: Path, prefix: str | None, speed: float, limit: int | None, batch: bool) -> None:
+    """Replay a wide CSV (a time column; every other column becomes sensor PREFIX.COLUMN)."""
+    from streams.feeds import replay_csv
+
+    settings = _settings()
+    sent = asyncio.run(
+        _with_producer(
+            settings,
+            lambda producer, topic: replay_csv(
+                producer,
+                topic,
+                file,
+                prefix=prefix,
+                speed=speed,
+                limit=limit,
+                batch=batch,
+                progress=_progress("replay"),
+            ),
+        )
+    )
+    click.echo(f"\nreplayed {sent} readings from {file}")
+
+
+@command(main, "simulate")
+@click.option("--sensors", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0.1),
+    default=100.0,
+    show_default=True,
+    help="Readings per second, all sensors together.",
+)
+@click.option("--count", type=click.IntRange(min=1), help="Stop after this many readings.")
+@click.option("--prefix", default="sim", show_default=True)
+def simulate_cmd(sensors: int, rate: float, count: int | None, prefix: str) -> None:
+    """Send synthetic readings of N sensors (noisy daily sines) at a rate."""
+    from streams.feeds import simulate
+
+    settings = _settings()
+    sent = asyncio.run(
+        _with_producer(
+            settings,
+            lambda producer, topic: simulate(
+                producer,
+                topic,
+                sensors=sensors,
+                rate=rate,
+                count=count,
+                prefix=prefix,
+                progress=_progress("simulate"),
+            ),
+        )
+    )
+    click.echo(f"\nsent {sent} readings")
+
+
+# -- analysts ---------------------------------------------------------------------------
+
+
+@command(main, "query")
+@click.argument("sql")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+)
+@click.option("--max-rows", type=click.IntRange(1, 1_000_000), default=10_000, show_default=True)
+@click.option(
+    "--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True, help="Seconds."
+)
+def query(sql: str, fmt: str, max_rows: int, timeout: float) -> None:
+    """Run one read-only SQL statement against ClickHouse (database `forecast`)."""
+    from sinks.query import QueryResult, check_readonly
+
+    settings = _settings()
+    check_readonly(sql)
+    result: QueryResult = _run_query(settings, sql, max_rows, timeout)
+    click.echo(_render(result, fmt), nl=False)
+    if result.truncated:
+        click.echo(f"(truncated to {max_rows} rows)", err=True)
+
+
+def _run_query(settings: Settings, sql: str, max_rows: int, timeout: float) -> Any:
+    from sinks import owner
+    from sinks.clickhouse import Store
+    from sinks.query import QueryResult, run_readonly
+
+    running = owner.find(settings.run_dir) if settings.clickhouse_url is None else None
+    if running is None:
+        store = Store.open(settings)
+        try:
+            return run_readonly(store, sql, max_rows, timeout)
+        finally:
+            store.close()
+    import httpx
+
+    try:
+        response = httpx.post(
+            f"{running.url}/v1/query",
+            json={"sql": sql, "max_rows": min(max_rows, 10_000)},
+            headers={"Authorization": f"Bearer {running.token}"},
+            timeout=timeout + 5,
+        )
+    except httpx.HTTPError as exc:
+        raise ForecastError(f"the running engine at {running.url} did not answer: {exc}") from exc
+    body = response.json()
+    if response.status_code != 200:
+        raise ForecastError(f"{body['error']['code']}: {body['error']['message']}")
+    return QueryResult(body["columns"], [tuple(r) for r in body["rows"]], body["truncated"])
+
+
+def _render(result: Any, fmt: str) -> str:
+    if fmt == "json":
+        rows = [dict(zip(result.columns, row, strict=True)) for row in result.rows]
+        return orjson.dumps(rows, default=str).decode() + "\n"
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(result.columns)
+        writer.writerows(result.rows)
+        return out.getvalue()
+    cells = [[str(c) for c in result.columns]] + [[_cell(v) for v in r] for r in result.rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(result.columns))]
+    lines = [
+        "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: object) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+# -- keys -------------------------------------------------------------------------------
+
+
+@main.group()
+def keys() -> None:
+    """Create, list and revoke API keys."""
+
+
+@command(keys, "create")
+@click.option(
+    "--role",
+    type=click.Choice(["viewer", "analyst", "operator", "admin"]),
+    default="viewer",
+    show_default=True,
+)
+@click.option("--name", default="", help="A label for the key.")
+@click.option("--scope", "scopes", multiple=True, help="Sensor pattern the key may see (repeat).")
+def keys_create(role: str, name: str, scopes: tuple[str, ...]) -> None:
+    """Create a key and print it once (only its hash is stored)."""
+    from forecast.runtime import key_store
+
+    key_id, token = key_store(_settings()).create(role, name, scopes or ("*",))
+    click.echo(
+        f"key id: {key_id}\nrole:   {role}\ntoken:  {token}\n"
+        "The token is shown only now; store it safely."
+    )
+
+
+@command(keys, "list")
+def keys_list() -> None:
+    """List keys (never their secrets)."""
+    from forecast.runtime import key_store
+
+    for info in key_store(_settings()).list():
+        created = datetime.fromtimestamp(info.created_at, UTC).isoformat(timespec="seconds")
+        state = "revoked" if info.revoked_at else "active"
+        click.echo(
+            f"{info.key_id}  {info.role:<8}  {state:<7}  {created}  "
+            f"{','.join(info.scopes)}  {info.name}"
+        )
+
+
+@command(keys, "revoke")
+@click.argument("key_id")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key by its id."""
+    from forecast.runtime import key_store
+
+    if not key_store(_settings()).revoke(key_id):
+        raise ForecastError(f"no active key {key_id!r}")
+    click.echo(f"revoked {key_id}")
+
+
+if __name__ == "__main__":
+    main()

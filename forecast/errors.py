@@ -1,0 +1,59 @@
+"""One exception tree for the whole engine.
+
+ForecastError
+├── ConfigError        a FORECAST_* variable is missing or invalid (names it and its value)
+├── BrokerError        the Kafka broker cannot be started or reached        (retriable)
+├── StoreError         ClickHouse failed or is slow                          (retriable)
+├── QueryError         ClickHouse refused an analyst query (unknown column, timeout, ...)
+│   └── QueryRejected  not allowed before it ran (not read-only, several statements, ...)
+├── AuthError          missing, unknown, revoked or insufficient credentials
+└── ModelError         a model artifact is corrupt, incompatible or failed at inference
+"""
+
+from __future__ import annotations
+
+
+class ForecastError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+    code = "error"
+    retriable = False
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class ConfigError(ForecastError):
+    code = "bad_config"
+
+
+class BrokerError(ForecastError):
+    code = "broker_unavailable"
+    retriable = True
+
+
+class StoreError(ForecastError):
+    code = "store_unavailable"
+    retriable = True
+
+
+class QueryError(ForecastError):
+    code = "bad_query"
+
+
+class QueryRejected(QueryError):
+    code = "query_rejected"
+
+
+class AuthError(ForecastError):
+    code = "unauthorized"
+
+    def __init__(self, message: str, *, code: str = "unauthorized") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ModelError(ForecastError):
+    code = "model_error"

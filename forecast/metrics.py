@@ -1,0 +1,47 @@
+"""Prometheus metrics of the worker and the gateway (one registry per process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+READINGS = Counter(
+    "forecast_readings",
+    "Readings by result (accepted, out_of_order, duplicate, rejected) and reject reason.",
+    ["result", "reason"],
+    registry=REGISTRY,
+)
+PREDICTIONS = Counter(
+    "forecast_predictions", "Predictions published, by model.", ["model"], registry=REGISTRY
+)
+FORECAST_FAILURES = Counter(
+    "forecast_forecast_failures", "Forecasts that failed or were not finite.", registry=REGISTRY
+)
+BATCH_SECONDS = Histogram(
+    "forecast_batch_seconds",
+    "Worker time per micro-batch, from hand-over to acknowledgement.",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+BATCH_RECORDS = Histogram(
+    "forecast_batch_records",
+    "Kafka records per micro-batch.",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000),
+    registry=REGISTRY,
+)
+SINK_ROWS = Counter("forecast_sink_rows", "Rows stored, by table.", ["table"], registry=REGISTRY)
+SINK_ERRORS = Counter("forecast_sink_errors", "Failed store writes (retried).", registry=REGISTRY)
+WS_CONNECTIONS = Gauge("forecast_ws_connections", "Open websocket connections.", registry=REGISTRY)
+WS_MESSAGES = Counter(
+    "forecast_ws_messages", "Websocket messages sent, by type.", ["type"], registry=REGISTRY
+)
+WS_DROPPED = Counter(
+    "forecast_ws_dropped",
+    "Messages not delivered because a subscriber's queue overflowed.",
+    registry=REGISTRY,
+)
+
+
+def render() -> bytes:
+    return generate_latest(REGISTRY)

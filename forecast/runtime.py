@@ -1,0 +1,146 @@
+"""Putting the parts together in one process: broker, store, worker, gateway, HTTP.
+
+``forecast up`` runs all of them; ``forecast worker`` and ``forecast gateway`` run their
+part. Parts start in dependency order and stop in reverse, on SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaProducer
+
+from forecast.settings import Settings
+from gateway.auth import Authenticator, KeyStore
+from gateway.feed import Feed
+from gateway.http import ApiContext, HttpServer, create_app
+from gateway.hub import Hub
+from gateway.ws import StreamServer
+from models.baseline import SeasonalNaive
+from sinks import owner
+from sinks.clickhouse import Store
+from streams.broker import EmbeddedBroker, ensure_topics, wait_until_ready
+from streams.worker import Worker
+
+log = logging.getLogger(__name__)
+
+Feeder = Callable[[AIOKafkaProducer, str], Awaitable[object]]
+
+
+@dataclass
+class Parts:
+    worker: bool = True
+    gateway: bool = True
+
+
+def key_store(settings: Settings) -> KeyStore:
+    return KeyStore(settings.data_dir / "keys.db")
+
+
+async def run(
+    settings: Settings,
+    parts: Parts,
+    *,
+    feeder: Feeder | None = None,
+    announce: Callable[[str], None] = print,
+) -> None:
+    """Run the chosen parts until SIGINT/SIGTERM (or until ``feeder`` fails)."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    async with contextlib.AsyncExitStack() as stack:
+        if settings.kafka_bootstrap is None:
+            broker = await stack.enter_async_context(EmbeddedBroker(settings.broker_port))
+            bootstrap = broker.bootstrap
+            announce(f"kafka:     {bootstrap} (embedded tansu, in memory: nothing kept)")
+        else:
+            bootstrap = settings.kafka_bootstrap
+            await wait_until_ready(bootstrap, 30.0)
+        await ensure_topics(bootstrap, settings)
+
+        auth = Authenticator(key_store(settings), enabled=settings.auth)
+        ctx = ApiContext(auth=auth)
+        ctx.checks["broker"] = lambda: _broker_answers(bootstrap)
+        if parts.worker or settings.clickhouse_url is not None:
+            store = await asyncio.to_thread(Store.open, settings)
+            stack.callback(store.close)
+            ctx.store = store
+            ctx.checks["store"] = lambda: asyncio.to_thread(store.ping)
+        if parts.worker:
+            forecaster = SeasonalNaive(horizon=settings.horizon, season=settings.season)
+            worker = Worker(settings, bootstrap, ctx.store, forecaster)
+            await worker.start()
+            stack.push_async_callback(worker.stop)
+            ctx.checks["model"] = _true
+        if parts.gateway:
+            hub = Hub(settings.replay_buffer)
+            ctx.hub = hub
+            feed = Feed(settings, bootstrap, hub)
+            await feed.start()
+            stack.push_async_callback(feed.stop)
+            stream = StreamServer(
+                hub, auth, settings.http_host, settings.ws_port, settings.ws_queue_size
+            )
+            await stream.start()
+            stack.push_async_callback(stream.stop)
+        http = HttpServer(create_app(ctx), settings.http_host, settings.http_port)
+        await http.start()
+        stack.push_async_callback(http.stop)
+        base = f"http://{settings.http_host}:{http.port}"
+        if ctx.store is not None and ctx.store.embedded:
+            owner.claim(settings.run_dir, base, auth.issue_process_token("analyst"))
+            stack.callback(owner.release, settings.run_dir)
+
+        announce(f"http:      {base}  (/healthz /readyz /metrics /v1/...)")
+        if parts.gateway:
+            ws = f"ws://{settings.http_host}:{stream.port}/v1/stream"
+            announce(f"websocket: {ws}")
+            viewer = auth.issue_process_token("viewer")
+            announce(f"dashboard: {base}/#token={viewer}&ws={stream.port}")
+        if not settings.auth:
+            announce("auth:      OFF (FORECAST_AUTH=false): anyone on this host has admin rights")
+        announce("ready; Ctrl-C to stop")
+
+        if feeder is not None:
+            feed_task = asyncio.create_task(_feed(feeder, bootstrap, settings, announce))
+            stack.push_async_callback(_cancel, feed_task)
+        await stopping.wait()
+        announce("stopping")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
+
+
+async def _feed(
+    feeder: Feeder, bootstrap: str, settings: Settings, announce: Callable[[str], None]
+) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all")
+    await producer.start()
+    try:
+        sent = await feeder(producer, settings.topic("readings"))
+        announce(f"feed done: {sent} readings sent")
+    finally:
+        await producer.stop()
+
+
+async def _cancel(task: asyncio.Task) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _broker_answers(bootstrap: str) -> bool:
+    try:
+        await wait_until_ready(bootstrap, 2.0)
+        return True
+    except Exception:  # readiness reports, it does not raise
+        return False
+
+
+async def _true() -> bool:
+    return True

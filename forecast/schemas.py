@@ -1,0 +1,53 @@
+"""The messages of the contract: readings in, predictions out (see design §3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+
+@dataclass(slots=True)
+class Reading:
+    """One validated sensor reading; ``ts`` is epoch seconds (UTC)."""
+
+    sensor_id: str
+    ts: float
+    value: float
+    covariates: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Prediction:
+    """A multi-horizon forecast for one sensor, issued after the reading at ``ts``."""
+
+    sensor_id: str
+    ts: float
+    issued_at: float
+    model: str
+    model_version: int
+    step_seconds: float
+    yhat: list[float]
+    lower: list[float]
+    upper: list[float]
+    seq: int
+
+    def to_message(self) -> dict[str, object]:
+        """The JSON object published on `predictions` and pushed to websocket clients."""
+        return {
+            "type": "prediction",
+            "sensor_id": self.sensor_id,
+            "ts": iso(self.ts),
+            "issued_at": iso(self.issued_at),
+            "model": self.model,
+            "model_version": self.model_version,
+            "step_seconds": self.step_seconds,
+            "yhat": self.yhat,
+            "lower": self.lower,
+            "upper": self.upper,
+            "seq": self.seq,
+        }
+
+
+def iso(ts: float) -> str:
+    """RFC 3339 UTC with millisecond precision, e.g. ``2016-07-01T00:00:00.000Z``."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

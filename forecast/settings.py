@@ -1,0 +1,118 @@
+"""The one settings object: every ``FORECAST_*`` variable, validated at start.
+
+A bad value raises :class:`ConfigError` naming the variable and the value; secrets are
+shown as ``***``.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from forecast.errors import ConfigError
+
+ENV_PREFIX = "FORECAST_"
+
+
+class Settings(BaseSettings):
+    """Engine configuration, read from ``FORECAST_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # Kafka
+    kafka_bootstrap: str | None = Field(None, description="host:port; unset = embedded tansu")
+    kafka_partitions: int = Field(4, ge=1, le=1024)
+    kafka_session_timeout: float = Field(6.0, gt=0.5, le=300)
+    topic_prefix: str = Field("", pattern=r"^[A-Za-z0-9._-]*$")
+    broker_port: int = Field(0, ge=0, le=65535, description="embedded broker port; 0 = free")
+
+    # ClickHouse
+    clickhouse_url: SecretStr | None = Field(None, description="http://user:pass@host:8123/db")
+    retention_days: int = Field(365, ge=1, le=36500)
+    sink_max_rows: int = Field(50_000, ge=1)
+
+    # Servers
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=0, le=65535)
+    ws_port: int = Field(8765, ge=0, le=65535)
+    data_dir: Path = Path("./var")
+    auth: bool = Field(True, description="false only for local use")
+    ws_queue_size: int = Field(1000, ge=1)
+    replay_buffer: int = Field(1000, ge=0, description="predictions kept per sensor for resume")
+
+    # Stream processing
+    batch_max: int = Field(2000, ge=1)
+    batch_window: float = Field(0.05, gt=0, le=60)
+    max_record_bytes: int = Field(1_000_000, ge=64)
+    max_batch_readings: int = Field(10_000, ge=1)
+    max_future: float = Field(86_400.0, ge=0, description="seconds a reading may lie ahead")
+    allowed_lateness: float = Field(3600.0, ge=0)
+    sensor_allow: str = Field("*", description="comma-separated glob patterns of sensors")
+
+    # Forecasting
+    horizon: int = Field(24, ge=1, le=10_000)
+    season: int = Field(24, ge=1, le=10_000)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        for server in value.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError("expected host:port[,host:port...]")
+        return value
+
+    @field_validator("clickhouse_url")
+    @classmethod
+    def _clickhouse(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        if not value.get_secret_value().startswith(("http://", "https://")):
+            raise ValueError("expected http(s)://user:pass@host:8123/database")
+        return value
+
+    def topic(self, name: str) -> str:
+        """The full name of one of the engine's topics, with the configured prefix."""
+        return f"{self.topic_prefix}{name}"
+
+    @cached_property
+    def sensor_patterns(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.sensor_allow.split(",") if p.strip())
+
+    @property
+    def run_dir(self) -> Path:
+        """Runtime files of the process that owns the embedded store."""
+        return self.data_dir / "run"
+
+
+SECRET_FIELDS = frozenset({"clickhouse_url", "jwt_secret"})
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read and validate the settings; raise ConfigError naming the bad variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        shown = "***" if field in SECRET_FIELDS else repr(error.get("input"))
+        problems.append(f"{ENV_PREFIX}{field.upper()}={shown}: {error['msg']}")
+    return "invalid configuration: " + "; ".join(problems)

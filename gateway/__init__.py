@@ -1,0 +1,1 @@
+"""The push gateway (websockets) and the HTTP API with the live dashboard."""

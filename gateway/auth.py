@@ -1,0 +1,151 @@
+"""Credentials: API keys (stored hashed in SQLite, shown once), roles and sensor scopes.
+
+A key reads ``fk_<id>_<secret>``; only SHA-256 of the secret is stored (keys are random
+and long, so a slow password hash would add nothing) and compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+from forecast.errors import AuthError
+
+ROLES = ("viewer", "analyst", "operator", "admin")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: a key (or the local process) with a role and sensor scope."""
+
+    key_id: str
+    role: str
+    scopes: tuple[str, ...] = ("*",)
+
+    def can(self, role: str) -> bool:
+        return ROLES.index(self.role) >= ROLES.index(role)
+
+    def sees(self, sensor_id: str) -> bool:
+        return any(fnmatchcase(sensor_id, scope) for scope in self.scopes)
+
+
+ANONYMOUS = Principal("anonymous", "admin")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    key_id: str
+    name: str
+    role: str
+    scopes: tuple[str, ...]
+    created_at: float
+    revoked_at: float | None
+
+
+class KeyStore:
+    """API keys in ``<data_dir>/keys.db``; safe to use from several processes."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        with self._connect() as db:
+            db.execute(
+                """CREATE TABLE IF NOT EXISTS api_keys (
+                    key_id TEXT PRIMARY KEY, name TEXT NOT NULL, role TEXT NOT NULL,
+                    scopes TEXT NOT NULL, secret_sha256 TEXT NOT NULL,
+                    created_at REAL NOT NULL, revoked_at REAL)"""
+            )
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=5.0)
+
+    def create(self, role: str, name: str = "", scopes: Iterable[str] = ("*",)) -> tuple[str, str]:
+        """Create a key; return (key_id, token). The token is not stored and not shown again."""
+        if role not in ROLES:
+            raise AuthError(f"unknown role {role!r}; one of {', '.join(ROLES)}", code="bad_request")
+        scopes = tuple(scopes) or ("*",)
+        key_id = secrets.token_hex(4)
+        secret = secrets.token_urlsafe(24)
+        with self._connect() as db:
+            db.execute(
+                "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, NULL)",
+                (key_id, name, role, ",".join(scopes), _sha256(secret), time.time()),
+            )
+        return key_id, f"fk_{key_id}_{secret}"
+
+    def list(self) -> list[KeyInfo]:
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT key_id, name, role, scopes, created_at, revoked_at FROM api_keys "
+                "ORDER BY created_at"
+            ).fetchall()
+        return [KeyInfo(r[0], r[1], r[2], tuple(r[3].split(",")), r[4], r[5]) for r in rows]
+
+    def revoke(self, key_id: str) -> bool:
+        with self._connect() as db:
+            cursor = db.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+                (time.time(), key_id),
+            )
+        return cursor.rowcount == 1
+
+    def authenticate(self, token: str) -> Principal:
+        parts = token.split("_", 2)
+        if len(parts) != 3 or parts[0] != "fk":
+            raise AuthError("malformed API key")
+        _, key_id, secret = parts
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT role, scopes, secret_sha256, revoked_at FROM api_keys WHERE key_id = ?",
+                (key_id,),
+            ).fetchone()
+        if row is None or not hmac.compare_digest(row[2], _sha256(secret)):
+            raise AuthError("unknown API key")
+        if row[3] is not None:
+            raise AuthError("revoked API key")
+        return Principal(key_id, row[0], tuple(row[1].split(",")))
+
+
+class Authenticator:
+    """Turns a bearer token into a Principal; ``enabled=False`` lets everyone in as admin."""
+
+    def __init__(self, keys: KeyStore, *, enabled: bool = True) -> None:
+        self.keys = keys
+        self.enabled = enabled
+        self._process_tokens: dict[str, Principal] = {}
+
+    def issue_process_token(self, role: str) -> str:
+        """A token valid while this process runs (for the local CLI and the dashboard)."""
+        token = "fp_" + secrets.token_urlsafe(24)
+        self._process_tokens[token] = Principal(f"process-{role}", role)
+        return token
+
+    def authenticate(self, token: str | None) -> Principal:
+        if not self.enabled:
+            return ANONYMOUS
+        if not token:
+            raise AuthError("credentials required: Authorization: Bearer <key> or ?token=")
+        for known, principal in self._process_tokens.items():
+            if hmac.compare_digest(known.encode(), token.encode()):
+                return principal
+        return self.keys.authenticate(token)
+
+
+def bearer(authorization: str | None, query_token: str | None) -> str | None:
+    """The token from an ``Authorization: Bearer`` header, else from ``?token=``."""
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    return query_token or None
+
+
+def _sha256(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()

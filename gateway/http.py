@@ -1,0 +1,167 @@
+"""The HTTP API (Starlette): health, metrics, the dashboard, and ``/v1/`` behind credentials."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import TypeVar
+
+import orjson
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from forecast import metrics
+from forecast.errors import AuthError, ForecastError, QueryError, StoreError
+from gateway.auth import Authenticator, Principal, bearer
+from gateway.hub import Hub
+from sinks.clickhouse import Store
+from sinks.query import run_readonly
+
+MAX_QUERY_ROWS = 10_000
+T = TypeVar("T")
+
+
+@dataclass
+class ApiContext:
+    auth: Authenticator
+    hub: Hub | None = None
+    store: Store | None = None
+    checks: dict[str, Callable[[], Awaitable[bool]]] = field(default_factory=dict)
+
+
+def error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers)
+
+
+def create_app(ctx: ApiContext) -> Starlette:
+    def principal(request: Request, role: str = "viewer") -> Principal:
+        token = bearer(request.headers.get("authorization"), request.query_params.get("token"))
+        who = ctx.auth.authenticate(token)
+        if not who.can(role):
+            raise AuthError(f"the {who.role} role may not do this; needs {role}", code="forbidden")
+        return who
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        results = {name: await check() for name, check in ctx.checks.items()}
+        ready = all(results.values())
+        return JSONResponse({"ready": ready, "checks": results}, 200 if ready else 503)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def dashboard(request: Request) -> Response:
+        html = resources.files("gateway").joinpath("static/index.html").read_text()
+        return HTMLResponse(html)
+
+    async def sensors(request: Request) -> Response:
+        who = principal(request)
+        hub = _need(ctx.hub, "the live feed")
+        rows = [
+            {"sensor_id": s, "seq": m["seq"], "ts": m["ts"], "model": m["model"]}
+            for s, m in sorted(hub.latest.items())
+            if who.sees(s)
+        ]
+        return JSONResponse({"sensors": rows})
+
+    async def latest(request: Request) -> Response:
+        who = principal(request)
+        sensor_id = request.path_params["sensor_id"]
+        message = _need(ctx.hub, "the live feed").latest.get(sensor_id)
+        if message is None or not who.sees(sensor_id):
+            return error(404, "not_found", f"no forecast for sensor {sensor_id!r} yet")
+        return JSONResponse(message)
+
+    async def query(request: Request) -> Response:
+        principal(request, "analyst")
+        store = _need(ctx.store, "the store")
+        try:
+            body = await request.json()
+        except ValueError:
+            return error(400, "bad_request", 'body must be JSON: {"sql": "SELECT ..."}')
+        if not isinstance(body, dict) or not isinstance(body.get("sql"), str):
+            return error(400, "bad_request", 'body must be JSON: {"sql": "SELECT ..."}')
+        max_rows = body.get("max_rows", MAX_QUERY_ROWS)
+        if not isinstance(max_rows, int) or not 0 < max_rows <= MAX_QUERY_ROWS:
+            return error(400, "bad_request", f"max_rows must be 1..{MAX_QUERY_ROWS}")
+        result = await asyncio.to_thread(run_readonly, store, body["sql"], max_rows)
+        return Response(orjson.dumps(result.to_json(), default=str), media_type="application/json")
+
+    async def on_forecast_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ForecastError)
+        if isinstance(exc, AuthError):
+            return error(403 if exc.code == "forbidden" else 401, exc.code, exc.message)
+        if isinstance(exc, QueryError):
+            return error(400, exc.code, exc.message)
+        if isinstance(exc, StoreError):
+            return error(503, exc.code, exc.message, {"Retry-After": "5"})
+        return error(500, exc.code, exc.message)
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return error(exc.status_code, "http_error", str(exc.detail))
+
+    return Starlette(
+        routes=[
+            Route("/", dashboard),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics_endpoint),
+            Route("/v1/sensors", sensors),
+            Route("/v1/sensors/{sensor_id}/forecast", latest),
+            Route("/v1/query", query, methods=["POST"]),
+        ],
+        exception_handlers={ForecastError: on_forecast_error, HTTPException: on_http_error},
+    )
+
+
+def _need(part: T | None, what: str) -> T:
+    if part is None:
+        raise StoreError(f"{what} is not served by this process")
+    return part
+
+
+class HttpServer:
+    """uvicorn inside the caller's event loop (the caller handles signals)."""
+
+    def __init__(self, app: Starlette, host: str, port: int) -> None:
+        config = uvicorn.Config(
+            app, host=host, port=port, log_config=None, access_log=False, lifespan="off"
+        )
+        self.server = _QuietServer(config)
+        self.host, self.requested_port = host, port
+        self._task: asyncio.Task | None = None
+
+    @property
+    def port(self) -> int:
+        return self.server.servers[0].sockets[0].getsockname()[1]
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self.server.serve(), name="http")
+        while not self.server.started:
+            if self._task.done():
+                with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot bind
+                    self._task.result()
+                raise ForecastError(f"cannot serve HTTP on {self.host}:{self.requested_port}")
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+class _QuietServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield

@@ -1,0 +1,187 @@
+"""The websocket stream: ``ws://host:8765/v1/stream`` (protocol in the README).
+
+Client messages: ``subscribe`` (glob patterns, optional ``since_seq``), ``unsubscribe``,
+``ping``. Server messages: ``subscribed``, ``unsubscribed``, ``prediction``, ``drift``,
+``error`` (``code``, ``message``), ``pong``. A malformed message gets an ``error`` and
+the connection stays open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from http import HTTPStatus
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from forecast import metrics
+from forecast.errors import AuthError
+from gateway.auth import Authenticator, Principal, bearer
+from gateway.hub import Hub, Subscriber
+
+log = logging.getLogger(__name__)
+
+PATH = "/v1/stream"
+MAX_FRAME = 64 * 1024
+MAX_PATTERNS_PER_MESSAGE = 100
+MAX_PATTERNS = 1000
+CLOSE_SLOW = 1013
+
+
+class StreamServer:
+    """``async with StreamServer(hub, auth, host, port):`` serves until the block ends."""
+
+    def __init__(
+        self, hub: Hub, auth: Authenticator, host: str, port: int, queue_size: int = 1000
+    ) -> None:
+        self.hub = hub
+        self.auth = auth
+        self.host = host
+        self.requested_port = port
+        self.queue_size = queue_size
+        self.server: Server | None = None
+        self._principals: dict[int, Principal] = {}
+
+    @property
+    def port(self) -> int:
+        if self.server is None:
+            raise RuntimeError("not started")
+        return self.server.sockets[0].getsockname()[1]
+
+    async def start(self) -> None:
+        self.server = await serve(
+            self._handle,
+            self.host,
+            self.requested_port,
+            process_request=self._check_request,
+            max_size=MAX_FRAME,
+            open_timeout=10,
+            ping_interval=20,
+            ping_timeout=20,
+        )
+
+    async def stop(self, code: int = 1001) -> None:
+        """Stop accepting, close every connection with ``code``, wait for the handlers."""
+        if self.server is not None:
+            self.server.close(code=code)
+            await self.server.wait_closed()
+
+    async def __aenter__(self) -> StreamServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def _check_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        url = urlsplit(request.path)
+        if url.path != PATH:
+            return connection.respond(HTTPStatus.NOT_FOUND, f"websocket endpoint is {PATH}\n")
+        query = parse_qs(url.query)
+        token = bearer(request.headers.get("Authorization"), query.get("token", [None])[0])
+        try:
+            self._principals[id(connection)] = self.auth.authenticate(token)
+        except AuthError as exc:
+            return connection.respond(HTTPStatus.UNAUTHORIZED, f"{exc.message}\n")
+        return None
+
+    async def _handle(self, connection: ServerConnection) -> None:
+        principal = self._principals.pop(id(connection))
+        subscriber = Subscriber(principal, self.queue_size)
+        metrics.WS_CONNECTIONS.inc()
+        sender = asyncio.create_task(self._send_loop(connection, subscriber))
+        try:
+            async for frame in connection:
+                reply = self._on_message(subscriber, frame)
+                if reply is not None and not subscriber.push(orjson.dumps(reply)):
+                    break
+        except ConnectionClosed:
+            pass
+        finally:
+            self.hub.remove(subscriber)
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+            metrics.WS_CONNECTIONS.dec()
+
+    async def _send_loop(self, connection: ServerConnection, subscriber: Subscriber) -> None:
+        overflow = asyncio.create_task(subscriber.overflowed.wait())
+        try:
+            while True:
+                getter = asyncio.create_task(subscriber.queue.get())
+                done, _ = await asyncio.wait({getter, overflow}, return_when="FIRST_COMPLETED")
+                if overflow in done:
+                    getter.cancel()
+                    await connection.send(
+                        orjson.dumps(
+                            _error(
+                                "slow_consumer",
+                                "queue overflowed; reconnect with since_seq to resume",
+                            )
+                        )
+                    )
+                    await connection.close(CLOSE_SLOW, "slow consumer")
+                    return
+                payload = getter.result()
+                await connection.send(payload)
+                metrics.WS_MESSAGES.labels(_kind(payload)).inc()
+        except ConnectionClosed:
+            pass
+        finally:
+            overflow.cancel()
+
+    def _on_message(self, subscriber: Subscriber, frame: str | bytes) -> dict | None:
+        try:
+            message = orjson.loads(frame)
+        except orjson.JSONDecodeError:
+            return _error("bad_json", "message is not JSON")
+        if not isinstance(message, dict):
+            return _error("bad_request", "message must be a JSON object")
+        op = message.get("op")
+        if op == "ping":
+            return {"type": "pong", "id": message.get("id")}
+        if op in ("subscribe", "unsubscribe"):
+            patterns = message.get("sensors")
+            if (
+                not isinstance(patterns, list)
+                or not patterns
+                or not all(isinstance(p, str) and 0 < len(p) <= 200 for p in patterns)
+            ):
+                return _error("bad_request", "sensors must be a non-empty list of patterns")
+            if len(patterns) > MAX_PATTERNS_PER_MESSAGE:
+                return _error("too_many_patterns", f"at most {MAX_PATTERNS_PER_MESSAGE} a message")
+            if op == "unsubscribe":
+                self.hub.unsubscribe(subscriber, set(patterns))
+                return {"type": "unsubscribed", "sensors": patterns}
+            if len(subscriber.patterns | set(patterns)) > MAX_PATTERNS:
+                return _error("too_many_patterns", f"at most {MAX_PATTERNS} per connection")
+            since = message.get("since_seq") or {}
+            if not isinstance(since, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                for k, v in since.items()
+            ):
+                return _error("bad_request", "since_seq must map sensor ids to integers")
+            ack = {"type": "subscribed", "sensors": sorted(subscriber.patterns | set(patterns))}
+            # The acknowledgement goes first, then the replay, then live messages.
+            if not subscriber.push(orjson.dumps(ack)):
+                return None
+            self.hub.subscribe(subscriber, set(patterns), since)
+            return None
+        return _error("unknown_op", f"unknown op {op!r}; use subscribe, unsubscribe or ping")
+
+
+def _error(code: str, message: str) -> dict:
+    return {"type": "error", "code": code, "message": message}
+
+
+def _kind(payload: bytes) -> str:
+    head = payload[:20]
+    for kind in ("prediction", "drift", "error", "subscribed", "pong"):
+        if kind.encode() in head:
+            return kind
+    return "other"

@@ -1,0 +1,1 @@
+"""Forecasters: the online baseline, LSTM and TFT, their training and registry."""

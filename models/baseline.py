@@ -1,0 +1,58 @@
+"""Online seasonal-naive baseline with an empirical interval.
+
+The forecast for step ``h`` repeats the value one season earlier (the last value until a
+season is seen). The interval is ``yhat +- z * sigma * sqrt(1 + (h-1) // season)``, where
+``sigma**2`` is an exponentially weighted mean of the squared one-step errors of the rule.
+"""
+
+from __future__ import annotations
+
+import math
+
+Z_90 = 1.6448536269514722  # two-sided 90% normal quantile
+
+
+class SeasonalNaive:
+    """Pure per-sensor forecaster; its state is a JSON-able dict."""
+
+    name = "baseline"
+    version = 1
+
+    def __init__(self, horizon: int = 24, season: int = 24, alpha: float = 0.05) -> None:
+        if horizon < 1 or season < 1 or not 0 < alpha <= 1:
+            raise ValueError("horizon and season must be >= 1, alpha in (0, 1]")
+        self.horizon = horizon
+        self.season = season
+        self.alpha = alpha
+
+    def init_state(self) -> dict:
+        return {"history": [], "var": 0.0, "errors": 0}
+
+    def update(self, state: dict, value: float) -> None:
+        history: list[float] = state["history"]
+        if history:
+            error = value - self._one_step(history)
+            weight = max(self.alpha, 1.0 / (state["errors"] + 1))
+            state["var"] += weight * (error * error - state["var"])
+            state["errors"] += 1
+        history.append(value)
+        if len(history) > self.season:
+            del history[0]
+
+    def forecast(self, state: dict) -> tuple[list[float], list[float], list[float]] | None:
+        history: list[float] = state["history"]
+        if not history:
+            return None
+        sigma = math.sqrt(state["var"])
+        full = len(history) == self.season
+        yhat, lower, upper = [], [], []
+        for h in range(1, self.horizon + 1):
+            y = history[(h - 1) % self.season] if full else history[-1]
+            half = Z_90 * sigma * math.sqrt(1 + (h - 1) // self.season)
+            yhat.append(y)
+            lower.append(y - half)
+            upper.append(y + half)
+        return yhat, lower, upper
+
+    def _one_step(self, history: list[float]) -> float:
+        return history[0] if len(history) == self.season else history[-1]

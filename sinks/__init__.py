@@ -1,0 +1,1 @@
+"""ClickHouse: schema migrations, the idempotent sink, read-only analyst queries."""

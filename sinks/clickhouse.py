@@ -1,0 +1,182 @@
+"""The ClickHouse store: one client for chDB (embedded) or a server, migrations, inserts.
+
+chDB runs inside the process and locks its data directory, so on the embedded default
+the process that opens the store owns it; other processes reach it through that
+process's HTTP API (see :mod:`sinks.owner`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import clickhouse_connect
+from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError
+
+from forecast.errors import QueryError, StoreError
+from forecast.schemas import Prediction, Reading
+from forecast.settings import Settings
+from sinks.schema import DATABASE, migrations
+
+log = logging.getLogger(__name__)
+
+READING_COLUMNS = ["sensor_id", "ts", "value", "covariates", "ingested_at"]
+PREDICTION_COLUMNS = [
+    "sensor_id",
+    "ts",
+    "target_ts",
+    "horizon",
+    "yhat",
+    "lower",
+    "upper",
+    "model",
+    "model_version",
+    "issued_at",
+    "seq",
+]
+READ_SETTINGS = {"final": 1}
+
+
+class Store:
+    """A thread-safe ClickHouse client with the engine's tables."""
+
+    def __init__(self, client: object, *, embedded: bool) -> None:
+        self.client = client
+        self.embedded = embedded
+        self._lock = threading.Lock()  # chDB sessions are not re-entrant
+
+    @classmethod
+    def open(cls, settings: Settings) -> Store:
+        """Connect (chDB under ``data_dir/clickhouse`` unless a server URL is set) and migrate."""
+        try:
+            if settings.clickhouse_url is not None:
+                client = clickhouse_connect.get_client(
+                    dsn=settings.clickhouse_url.get_secret_value(), database="default"
+                )
+                store = cls(client, embedded=False)
+            else:
+                path = Path(settings.data_dir, "clickhouse").resolve()
+                path.mkdir(parents=True, exist_ok=True)
+                client = clickhouse_connect.get_client(dsn=f"chdb://{path}")
+                store = cls(client, embedded=True)
+        except Exception as exc:  # the driver raises several unrelated types
+            raise StoreError(f"cannot open ClickHouse: {exc}") from exc
+        store.migrate(settings.retention_days)
+        return store
+
+    def close(self) -> None:
+        with self._lock:
+            self.client.close()
+
+    # -- schema -------------------------------------------------------------------------
+
+    def migrate(self, retention_days: int) -> int:
+        """Apply the migrations not applied yet; return the schema version."""
+        self.command(f"CREATE DATABASE IF NOT EXISTS {DATABASE}")
+        self.command(
+            f"""CREATE TABLE IF NOT EXISTS {DATABASE}.schema_migrations (
+                version UInt32, description String, applied_at DateTime64(3, 'UTC')
+            ) ENGINE = MergeTree ORDER BY version"""
+        )
+        done = {row[0] for row in self.query(f"SELECT version FROM {DATABASE}.schema_migrations")}
+        version = max(done, default=0)
+        for version, description, statements in migrations(retention_days):
+            if version in done:
+                continue
+            for statement in statements:
+                self.command(statement)
+            self.insert(
+                "schema_migrations",
+                [(version, description, datetime.now(UTC))],
+                ["version", "description", "applied_at"],
+            )
+            log.info("applied migration %s: %s", version, description)
+        return version
+
+    # -- writes -------------------------------------------------------------------------
+
+    def write_batch(
+        self, readings: Sequence[Reading], predictions: Sequence[Prediction], token: str
+    ) -> None:
+        """Store one processed batch; ``token`` makes an identical retry a no-op."""
+        now = datetime.now(UTC)
+        if readings:
+            self.insert("readings", reading_rows(readings, now), READING_COLUMNS, token)
+        if predictions:
+            self.insert("predictions", prediction_rows(predictions), PREDICTION_COLUMNS, token)
+
+    def insert(
+        self, table: str, rows: Sequence[Sequence], columns: list[str], token: str | None = None
+    ) -> None:
+        settings = {}
+        if token is not None:
+            settings["insert_deduplication_token"] = f"{table}:{token}"
+        with self._lock:
+            try:
+                self.client.insert(
+                    f"{DATABASE}.{table}", rows, column_names=columns, settings=settings
+                )
+            except ClickHouseError as exc:
+                raise StoreError(f"insert into {table} failed: {exc}") from exc
+
+    # -- reads --------------------------------------------------------------------------
+
+    def query(self, sql: str, settings: dict | None = None) -> list[tuple]:
+        return self.query_with_columns(sql, settings)[1]
+
+    def query_with_columns(
+        self, sql: str, settings: dict | None = None
+    ) -> tuple[list[str], list[tuple]]:
+        with self._lock:
+            try:
+                result = self.client.query(sql, settings={**READ_SETTINGS, **(settings or {})})
+            except DatabaseError as exc:  # ClickHouse answered, refusing the query
+                raise QueryError(str(exc).strip()) from exc
+            except ClickHouseError as exc:
+                raise StoreError(str(exc).strip()) from exc
+        return list(result.column_names), [tuple(row) for row in result.result_rows]
+
+    def command(self, sql: str) -> None:
+        with self._lock:
+            try:
+                self.client.command(sql)
+            except ClickHouseError as exc:
+                raise StoreError(str(exc).strip()) from exc
+
+    def ping(self) -> bool:
+        try:
+            return self.query("SELECT 1") == [(1,)]
+        except (StoreError, QueryError):
+            return False
+
+
+def reading_rows(readings: Iterable[Reading], now: datetime) -> list[tuple]:
+    return [(r.sensor_id, _dt(r.ts), r.value, r.covariates, now) for r in readings]
+
+
+def prediction_rows(predictions: Iterable[Prediction]) -> list[tuple]:
+    rows = []
+    for p in predictions:
+        ts, issued = _dt(p.ts), _dt(p.issued_at)
+        for h, (y, lo, hi) in enumerate(zip(p.yhat, p.lower, p.upper, strict=True), start=1):
+            target = _dt(p.ts + h * p.step_seconds)
+            rows.append(
+                (p.sensor_id, ts, target, h, y, lo, hi, p.model, p.model_version, issued, p.seq)
+            )
+    return rows
+
+
+def batch_token(parts: Iterable[tuple[str, int, int]]) -> str:
+    """A deterministic token for a batch from its (topic, partition, offset) records."""
+    digest = hashlib.blake2b(digest_size=16)
+    for topic, partition, offset in parts:
+        digest.update(f"{topic}/{partition}/{offset};".encode())
+    return digest.hexdigest()
+
+
+def _dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)

@@ -1,0 +1,84 @@
+"""Versioned migrations of database `forecast`; the same SQL runs on chDB and a server.
+
+Tables are ReplacingMergeTree on deterministic keys, so a re-delivered batch never shows a
+duplicate: identical re-inserts are dropped by insert deduplication tokens, and any other
+repeat collapses on the key, which queries see at once with ``final = 1`` (set on every
+query path of the engine, and in the views).
+"""
+
+from __future__ import annotations
+
+DATABASE = "forecast"
+
+
+def migrations(retention_days: int) -> list[tuple[int, str, list[str]]]:
+    """(version, description, statements) in the order they apply."""
+
+    def ttl(column: str) -> str:
+        # Retention counts from when a row was stored, not from the sensor's own time:
+        # replayed history (ETTh1 is from 2016) would otherwise expire on insert.
+        return f"TTL toDateTime({column}) + INTERVAL {int(retention_days)} DAY"
+
+    settings = "SETTINGS non_replicated_deduplication_window = 10000"
+    return [
+        (
+            1,
+            "readings, predictions and drift_events tables",
+            [
+                f"""CREATE TABLE IF NOT EXISTS {DATABASE}.readings (
+                    sensor_id LowCardinality(String),
+                    ts DateTime64(3, 'UTC'),
+                    value Float64,
+                    covariates Map(LowCardinality(String), Float64),
+                    ingested_at DateTime64(3, 'UTC')
+                ) ENGINE = ReplacingMergeTree(ingested_at)
+                PARTITION BY toYYYYMM(ts) ORDER BY (sensor_id, ts) {ttl("ingested_at")}
+                {settings}""",
+                f"""CREATE TABLE IF NOT EXISTS {DATABASE}.predictions (
+                    sensor_id LowCardinality(String),
+                    ts DateTime64(3, 'UTC'),
+                    target_ts DateTime64(3, 'UTC'),
+                    horizon UInt16,
+                    yhat Float64,
+                    lower Float64,
+                    upper Float64,
+                    model LowCardinality(String),
+                    model_version UInt32,
+                    issued_at DateTime64(3, 'UTC'),
+                    seq UInt64
+                ) ENGINE = ReplacingMergeTree(issued_at)
+                PARTITION BY toYYYYMM(ts)
+                ORDER BY (sensor_id, model, model_version, ts, horizon) {ttl("issued_at")}
+                {settings}""",
+                f"""CREATE TABLE IF NOT EXISTS {DATABASE}.drift_events (
+                    sensor_id LowCardinality(String),
+                    ts DateTime64(3, 'UTC'),
+                    detector LowCardinality(String),
+                    signal LowCardinality(String),
+                    model LowCardinality(String),
+                    model_version UInt32,
+                    detail String,
+                    detected_at DateTime64(3, 'UTC') DEFAULT now64(3)
+                ) ENGINE = ReplacingMergeTree
+                PARTITION BY toYYYYMM(ts) ORDER BY (sensor_id, ts, detector, signal)
+                {ttl("detected_at")}
+                {settings}""",
+            ],
+        ),
+        (
+            2,
+            "forecast_errors view: each prediction step beside the actual at target_ts",
+            [
+                f"""CREATE VIEW IF NOT EXISTS {DATABASE}.forecast_errors AS
+                SELECT p.sensor_id AS sensor_id, p.ts AS ts, p.target_ts AS target_ts,
+                       p.horizon AS horizon, p.model AS model,
+                       p.model_version AS model_version, p.yhat AS yhat,
+                       p.lower AS lower, p.upper AS upper, r.value AS actual,
+                       r.value - p.yhat AS error,
+                       r.value >= p.lower AND r.value <= p.upper AS covered
+                FROM {DATABASE}.predictions AS p FINAL
+                INNER JOIN {DATABASE}.readings AS r FINAL
+                    ON p.sensor_id = r.sensor_id AND p.target_ts = r.ts""",
+            ],
+        ),
+    ]

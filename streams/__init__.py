@@ -1,0 +1,1 @@
+"""Stream processing on faust-streaming: validation, per-sensor state, the worker agent."""

@@ -1,0 +1,209 @@
+"""The Faust worker: consume `readings` in micro-batches, store, publish, then acknowledge.
+
+Order of a batch (why offsets never run ahead of the sink):
+1. validate and forecast (pure, :mod:`streams.pipeline`);
+2. write readings and predictions to ClickHouse, retrying with backoff while the store
+   fails; consumption waits meanwhile (backpressure, no unbounded buffer);
+3. publish predictions and rejections (`predictions`, `readings.dlq`) and wait for acks;
+4. write the touched per-sensor state to the Faust table (its changelog makes it
+   recoverable after a crash);
+5. acknowledge the records, so Faust commits their offsets.
+A crash anywhere before 5 re-delivers the batch; the deterministic keys and insert tokens
+of the store, and the per-sensor ``seq`` that subscribers de-duplicate on, absorb it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+import faust
+import orjson
+from faust.types import EventT
+
+from forecast import metrics
+from forecast.errors import StoreError
+from forecast.settings import Settings
+from models.base import StreamingForecaster
+from sinks.clickhouse import Store, batch_token
+from streams.pipeline import BatchProcessor, BatchResult, RawRecord
+from streams.state import SensorState
+from streams.validate import Limits
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF = 5.0
+
+
+class SensorStateTable(faust.Table):
+    """A Faust table written once per batch, outside per-event iteration."""
+
+    def put(self, partition: int, key: str, value: dict) -> None:
+        """Set ``key`` and log it to the changelog partition of the record that carried it."""
+        self.data[key] = value
+        self.send_changelog(partition, key, value)
+
+
+class Worker:
+    """Owns the Faust app, the state table and the agent; needs a started Store."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        bootstrap: str,
+        store: Store,
+        forecaster: StreamingForecaster,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.store_ok = True
+        self.cache: dict[str, SensorState] = {}
+        self.app = faust.App(
+            settings.topic("forecast-worker"),
+            broker=f"kafka://{bootstrap}",
+            store="memory://",
+            topic_partitions=settings.kafka_partitions,
+            web_enabled=False,
+            broker_session_timeout=settings.kafka_session_timeout,
+            broker_heartbeat_interval=settings.kafka_session_timeout / 6,
+            broker_rebalance_timeout=settings.kafka_session_timeout,
+            producer_acks=-1,
+            loop=asyncio.get_running_loop(),
+        )
+        self.table = self.app.tables.add(
+            SensorStateTable(
+                self.app,
+                name="sensor-state",
+                beacon=self.app.tables.beacon,
+                partitions=settings.kafka_partitions,
+                schema=faust.Schema(
+                    key_type=str, value_type=dict, key_serializer="raw", value_serializer="json"
+                ),
+                help="Per-sensor state of the forecasters.",
+            )
+        )
+        self.processor = BatchProcessor(
+            forecaster,
+            Limits(
+                settings.max_record_bytes,
+                settings.max_batch_readings,
+                settings.max_future,
+                settings.sensor_patterns,
+            ),
+            settings.allowed_lateness,
+            self._load_state,
+        )
+        self.readings_topic = self.app.topic(
+            settings.topic("readings"),
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=settings.kafka_partitions,
+        )
+        self.app.agent(self.readings_topic, name="ingest")(self._ingest)
+        self.app.on_partitions_revoked.connect(self._on_revoked)
+
+    async def start(self) -> None:
+        await self.app.start()
+
+    async def stop(self) -> None:
+        await self.app.stop()
+
+    async def _on_revoked(self, app: faust.App, revoked: set, **kwargs: object) -> None:
+        self.cache.clear()
+
+    async def _ingest(self, stream: faust.StreamT) -> None:
+        async for events in stream.noack_take(
+            self.settings.batch_max, within=self.settings.batch_window
+        ):
+            started = time.perf_counter()
+            await self.handle(events)
+            for event in events:
+                await stream.ack(event)
+            metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+            metrics.BATCH_RECORDS.observe(len(events))
+
+    async def handle(self, events: Sequence[EventT]) -> BatchResult:
+        """Process, store and publish one batch; returns once all of it is durable."""
+        records = [
+            RawRecord(m.topic, m.partition, m.offset, m.key, m.value)
+            for m in (event.message for event in events)
+        ]
+        result = self.processor.process(records)
+        token = batch_token((r.topic, r.partition, r.offset) for r in records)
+        await self._store(result, token)
+        await self._publish(result)
+        for sensor_id, (partition, state) in result.touched.items():
+            self.cache[sensor_id] = state
+            self.table.put(partition, sensor_id, state.to_json())
+        self._count(result)
+        return result
+
+    async def _store(self, result: BatchResult, token: str) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await asyncio.to_thread(
+                    self.store.write_batch, result.readings, result.predictions, token
+                )
+                self.store_ok = True
+                return
+            except StoreError as exc:
+                self.store_ok = False
+                metrics.SINK_ERRORS.inc()
+                log.warning("store write failed, retrying in %.1fs: %s", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF)
+
+    async def _publish(self, result: BatchResult) -> None:
+        producer = self.app.producer
+        predictions = self.settings.topic("predictions")
+        dlq = self.settings.topic("readings.dlq")
+        pending = []
+        for p in result.predictions:
+            value = orjson.dumps(p.to_message())
+            pending.append(
+                await producer.send(predictions, p.sensor_id.encode(), value, None, None, None)
+            )
+        for record, rejection in result.rejected:
+            raw = (
+                record.value
+                if rejection.element is None
+                else orjson.dumps(rejection.element, default=str)
+            )
+            headers = [
+                ("dlq.reason", rejection.reason.encode()),
+                ("dlq.detail", rejection.detail.encode()),
+                ("dlq.topic", record.topic.encode()),
+                ("dlq.partition", str(record.partition).encode()),
+                ("dlq.offset", str(record.offset).encode()),
+            ]
+            if rejection.index is not None:
+                headers.append(("dlq.index", str(rejection.index).encode()))
+            pending.append(await producer.send(dlq, record.key, raw, None, None, headers))
+        if pending:
+            await asyncio.gather(*pending)
+
+    def _count(self, result: BatchResult) -> None:
+        for outcome, count in result.outcomes.items():
+            if outcome == "forecast_failed":
+                metrics.FORECAST_FAILURES.inc(count)
+            else:
+                metrics.READINGS.labels(outcome, "").inc(count)
+        for _, rejection in result.rejected:
+            metrics.READINGS.labels("rejected", rejection.reason).inc()
+        if result.predictions:
+            metrics.PREDICTIONS.labels(self.processor.forecaster.name).inc(len(result.predictions))
+        metrics.SINK_ROWS.labels("readings").inc(len(result.readings))
+        metrics.SINK_ROWS.labels("predictions").inc(sum(len(p.yhat) for p in result.predictions))
+
+    def _load_state(self, sensor_id: str) -> SensorState | None:
+        state = self.cache.get(sensor_id)
+        if state is None:
+            doc = self.table.get(sensor_id)
+            if doc is not None:
+                state = SensorState.from_json(doc)
+        return state

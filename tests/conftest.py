@@ -1,0 +1,109 @@
+"""Shared fixtures: a running system (`forecast up` as a real subprocess) on free ports."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ETTH1 = ROOT.parent / "shared" / "data" / "ett" / "ETTh1.csv"
+
+
+@dataclass
+class System:
+    """A `forecast up` process and what it printed about itself."""
+
+    process: subprocess.Popen
+    env: dict[str, str]
+    kafka: str
+    http: str
+    ws: str
+    viewer_token: str
+    output: list[str]
+    log: IO[str]
+
+    def cli(self, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
+        """Run the `forecast` CLI against this system."""
+        return run_cli(*args, env={**self.env, "FORECAST_KAFKA_BOOTSTRAP": self.kafka, **env},
+                       timeout=timeout)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process.stdout.close()
+        self.log.close()
+        return self.process.returncode
+
+
+def base_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FORECAST_")}
+    env.update(
+        FORECAST_DATA_DIR=str(data_dir),
+        FORECAST_HTTP_PORT="0",
+        FORECAST_WS_PORT="0",
+        FORECAST_KAFKA_SESSION_TIMEOUT="2",
+        FORECAST_LOG_LEVEL="INFO",
+        **extra,
+    )
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "forecast.cli", *args],
+        env=env, capture_output=True, text=True, timeout=timeout, check=False,
+    )
+
+
+def start_system(data_dir: Path, *args: str, **extra: str) -> System:
+    env = base_env(data_dir, **extra)
+    log = (data_dir / "up.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "forecast.cli", "up", *args],
+        env=env, stdout=subprocess.PIPE, stderr=log, text=True,
+    )
+    lines: list[str] = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"forecast up exited early: {(data_dir / 'up.log').read_text()[-3000:]}")
+        lines.append(line.rstrip())
+        if line.startswith("ready"):
+            break
+    else:
+        process.kill()
+        raise RuntimeError("forecast up did not become ready")
+    text = "\n".join(lines)
+    return System(
+        process=process,
+        env=env,
+        kafka=re.search(r"kafka:\s+(\S+)", text).group(1),
+        http=re.search(r"http:\s+(\S+)", text).group(1),
+        ws=re.search(r"websocket:\s+(\S+)", text).group(1),
+        viewer_token=re.search(r"token=([^&\s]+)", text).group(1),
+        output=lines,
+        log=log,
+    )
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    running = start_system(tmp_path_factory.mktemp("system"))
+    yield running
+    assert running.stop() == 0

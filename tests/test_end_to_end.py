@@ -1,0 +1,110 @@
+"""Replay ETTh1 through the running system: websocket client and ClickHouse agree."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import orjson
+import pytest
+from websockets.asyncio.client import connect
+
+from tests.conftest import ETTH1, System
+
+pytestmark = pytest.mark.integration
+
+ROWS = 200
+SENSORS = ["ETTh1.OT", "ETTh1.HUFL"]
+
+
+async def collect(ws, want: int, timeout: float = 90) -> list[dict]:
+    got: list[dict] = []
+    async with asyncio.timeout(timeout):
+        while len(got) < want:
+            message = orjson.loads(await ws.recv())
+            if message["type"] == "prediction":
+                got.append(message)
+    return got
+
+
+async def test_replayed_rows_reach_the_websocket_and_clickhouse(system: System) -> None:
+    async with connect(f"{system.ws}?token={system.viewer_token}") as ws:
+        await ws.send(json.dumps({"op": "subscribe", "sensors": SENSORS}))
+        assert orjson.loads(await ws.recv()) == {"type": "subscribed", "sensors": sorted(SENSORS)}
+
+        replay = await asyncio.to_thread(system.cli, "replay", str(ETTH1), "--limit", str(ROWS))
+        assert replay.returncode == 0, replay.stderr
+        assert f"replayed {ROWS * 7} readings" in replay.stdout
+
+        # The first reading of a sensor only sets its step; every later one is forecast.
+        predictions = await collect(ws, (ROWS - 1) * len(SENSORS))
+
+    by_sensor = {s: [p for p in predictions if p["sensor_id"] == s] for s in SENSORS}
+    for sensor, items in by_sensor.items():
+        assert [p["seq"] for p in items] == list(range(1, ROWS)), sensor
+        assert all(p["step_seconds"] == 3600.0 for p in items)
+        assert all(len(p["yhat"]) == len(p["lower"]) == len(p["upper"]) == 24 for p in items)
+        assert all(lo <= y <= hi for p in items for lo, y, hi in zip(
+            p["lower"], p["yhat"], p["upper"], strict=True))
+    assert by_sensor["ETTh1.OT"][-1]["ts"] == "2016-07-09T07:00:00.000Z"  # row 200
+
+    sql = (
+        "SELECT sensor_id, count() AS n, uniqExact(seq) AS seqs FROM forecast.predictions "
+        "WHERE horizon = 1 AND sensor_id IN ('ETTh1.OT', 'ETTh1.HUFL') "
+        "GROUP BY sensor_id ORDER BY sensor_id FORMAT"
+    ).removesuffix(" FORMAT")
+    result = await asyncio.to_thread(system.cli, "query", sql, "--format", "json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert rows == [
+        {"sensor_id": "ETTh1.HUFL", "n": ROWS - 1, "seqs": ROWS - 1},
+        {"sensor_id": "ETTh1.OT", "n": ROWS - 1, "seqs": ROWS - 1},
+    ]
+    readings = await asyncio.to_thread(
+        system.cli, "query", "SELECT count() FROM forecast.readings", "--format", "csv"
+    )
+    assert readings.stdout.splitlines() == ["count()", str(ROWS * 7)]
+
+
+async def test_forecast_errors_view_joins_actuals(system: System) -> None:
+    result = await asyncio.to_thread(
+        system.cli, "query",
+        "SELECT count() AS n, countIf(abs(error - (actual - yhat)) > 1e-9) AS bad "
+        "FROM forecast.forecast_errors WHERE sensor_id = 'ETTh1.OT' AND horizon = 1",
+        "--format", "json",
+    )
+    assert result.returncode == 0, result.stderr
+    # Each one-step forecast issued for rows 2..199 meets the actual of the next row.
+    assert json.loads(result.stdout) == [{"n": ROWS - 2, "bad": 0}]
+
+
+async def test_http_health_ready_metrics_and_auth(system: System) -> None:
+    async with httpx.AsyncClient(base_url=system.http) as client:
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+        ready = (await client.get("/readyz")).json()
+        assert ready == {"ready": True, "checks": {"broker": True, "store": True, "model": True}}
+        metrics = (await client.get("/metrics")).text
+        assert 'forecast_readings_total{reason="",result="accepted"}' in metrics
+        anonymous = await client.get("/v1/sensors")
+        assert anonymous.status_code == 401
+        assert anonymous.json()["error"]["code"] == "unauthorized"
+        viewer = {"Authorization": f"Bearer {system.viewer_token}"}
+        sensors = (await client.get("/v1/sensors", headers=viewer)).json()["sensors"]
+        assert {s["sensor_id"] for s in sensors} >= set(SENSORS)
+        forbidden = await client.post("/v1/query", json={"sql": "SELECT 1"}, headers=viewer)
+        assert forbidden.status_code == 403
+        assert (await client.get("/")).text.startswith("<!doctype html>")
+
+
+async def test_websocket_rejects_missing_credentials_and_bad_messages(system: System) -> None:
+    with pytest.raises(Exception, match="401"):
+        async with connect(system.ws):
+            pass
+    async with connect(f"{system.ws}?token={system.viewer_token}") as ws:
+        await ws.send("{not json")
+        assert orjson.loads(await ws.recv())["code"] == "bad_json"
+        await ws.send(json.dumps({"op": "dance"}))
+        assert orjson.loads(await ws.recv())["code"] == "unknown_op"
+        await ws.send(json.dumps({"op": "ping", "id": 7}))
+        assert orjson.loads(await ws.recv()) == {"type": "pong", "id": 7}
