@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
 
+from forecast.errors import ForecastError
 from forecast.settings import Settings
 from gateway.auth import Authenticator, KeyStore
 from gateway.feed import Feed
@@ -72,6 +73,7 @@ async def run(
             stack.callback(store.close)
             ctx.store = store
             ctx.checks["store"] = lambda: asyncio.to_thread(store.ping)
+        worker = None
         if parts.worker:
             forecaster = SeasonalNaive(horizon=settings.horizon, season=settings.season)
             worker = Worker(settings, bootstrap, ctx.store, forecaster)
@@ -110,10 +112,17 @@ async def run(
         if feeder is not None:
             feed_task = asyncio.create_task(_feed(feeder, bootstrap, settings, announce))
             stack.push_async_callback(_cancel, feed_task)
-        await stopping.wait()
+        waits = [asyncio.create_task(stopping.wait())]
+        if worker is not None:
+            waits.append(asyncio.create_task(worker.failed.wait()))
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for waiting in waits:
+            waiting.cancel()
         announce("stopping")
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.remove_signal_handler(sig)
+    if worker is not None and worker.failure is not None:
+        raise ForecastError(f"the worker stopped on a fault: {worker.failure!r}")
 
 
 async def _feed(

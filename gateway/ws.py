@@ -117,18 +117,14 @@ class StreamServer:
                 done, _ = await asyncio.wait({getter, overflow}, return_when="FIRST_COMPLETED")
                 if overflow in done:
                     getter.cancel()
-                    await connection.send(
-                        orjson.dumps(
-                            _error(
-                                "slow_consumer",
-                                "queue overflowed; reconnect with since_seq to resume",
-                            )
-                        )
+                    overflowed = _error(
+                        "slow_consumer", "queue overflowed; reconnect with since_seq to resume"
                     )
+                    await connection.send(orjson.dumps(overflowed), text=True)
                     await connection.close(CLOSE_SLOW, "slow consumer")
                     return
                 payload = getter.result()
-                await connection.send(payload)
+                await connection.send(payload, text=True)
                 metrics.WS_MESSAGES.labels(_kind(payload)).inc()
         except ConnectionClosed:
             pass

@@ -10,6 +10,15 @@ Order of a batch (why offsets never run ahead of the sink):
 5. acknowledge the records, so Faust commits their offsets.
 A crash anywhere before 5 re-delivers the batch; the deterministic keys and insert tokens
 of the store, and the per-sensor ``seq`` that subscribers de-duplicate on, absorb it.
+
+Store and broker failures that may pass are retried with backoff. Anything else is a
+fault: the worker sets :attr:`Worker.failed` and stops taking records, and the process
+exits non-zero so that its supervisor restarts it from the committed offsets.
+
+A dead letter carries the record's raw bytes (for a batch element: that element), its
+key, and headers ``dlq.reason``, ``dlq.detail``, ``dlq.topic``, ``dlq.partition``,
+``dlq.offset`` and, for batch elements, ``dlq.index``. An oversize record keeps only its
+first 64 KiB, with its full size in ``dlq.original_size``.
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ from collections.abc import Sequence
 
 import faust
 import orjson
+from aiokafka.errors import KafkaError
+from faust.exceptions import ProducerSendError
 from faust.types import EventT
 
 from forecast import metrics
@@ -30,11 +41,12 @@ from models.base import StreamingForecaster
 from sinks.clickhouse import Store, batch_token
 from streams.pipeline import BatchProcessor, BatchResult, RawRecord
 from streams.state import SensorState
-from streams.validate import Limits
+from streams.validate import Limits, Rejection
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 5.0
+DLQ_MAX_VALUE = 64 * 1024
 
 
 class SensorStateTable(faust.Table):
@@ -59,6 +71,8 @@ class Worker:
         self.settings = settings
         self.store = store
         self.store_ok = True
+        self.failed = asyncio.Event()
+        self.failure: BaseException | None = None
         self.cache: dict[str, SensorState] = {}
         self.app = faust.App(
             settings.topic("forecast-worker"),
@@ -70,6 +84,7 @@ class Worker:
             broker_heartbeat_interval=settings.kafka_session_timeout / 6,
             broker_rebalance_timeout=settings.kafka_session_timeout,
             producer_acks=-1,
+            stream_wait_empty=False,  # unacknowledged records are re-delivered anyway
             loop=asyncio.get_running_loop(),
         )
         self.table = self.app.tables.add(
@@ -120,7 +135,13 @@ class Worker:
             self.settings.batch_max, within=self.settings.batch_window
         ):
             started = time.perf_counter()
-            await self.handle(events)
+            try:
+                await self.handle(events)
+            except Exception as exc:  # a fault: stop, rather than skip or ack the batch
+                log.exception("worker stopped by a fault; the batch will be re-delivered")
+                self.failure = exc
+                self.failed.set()
+                return
             for event in events:
                 await stream.ack(event)
             metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
@@ -159,33 +180,35 @@ class Worker:
                 delay = min(delay * 2, MAX_BACKOFF)
 
     async def _publish(self, result: BatchResult) -> None:
-        producer = self.app.producer
-        predictions = self.settings.topic("predictions")
-        dlq = self.settings.topic("readings.dlq")
-        pending = []
-        for p in result.predictions:
-            value = orjson.dumps(p.to_message())
-            pending.append(
-                await producer.send(predictions, p.sensor_id.encode(), value, None, None, None)
+        messages = [
+            (
+                self.settings.topic("predictions"),
+                p.sensor_id.encode(),
+                orjson.dumps(p.to_message()),
+                None,
             )
-        for record, rejection in result.rejected:
-            raw = (
-                record.value
-                if rejection.element is None
-                else orjson.dumps(rejection.element, default=str)
-            )
-            headers = [
-                ("dlq.reason", rejection.reason.encode()),
-                ("dlq.detail", rejection.detail.encode()),
-                ("dlq.topic", record.topic.encode()),
-                ("dlq.partition", str(record.partition).encode()),
-                ("dlq.offset", str(record.offset).encode()),
-            ]
-            if rejection.index is not None:
-                headers.append(("dlq.index", str(rejection.index).encode()))
-            pending.append(await producer.send(dlq, record.key, raw, None, None, headers))
-        if pending:
-            await asyncio.gather(*pending)
+            for p in result.predictions
+        ]
+        messages += [
+            dead_letter(self.settings.topic("readings.dlq"), record, rejection)
+            for record, rejection in result.rejected
+        ]
+        delay = 0.1
+        while messages:
+            try:
+                sent = [
+                    await self.app.producer.send(topic, key, value, None, None, headers)
+                    for topic, key, value, headers in messages
+                ]
+                await asyncio.gather(*sent)
+                return
+            except ProducerSendError as exc:
+                cause = exc.__cause__
+                if not (isinstance(cause, KafkaError) and cause.retriable):
+                    raise
+                log.warning("publish failed, retrying in %.1fs: %s", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF)
 
     def _count(self, result: BatchResult) -> None:
         for outcome, count in result.outcomes.items():
@@ -207,3 +230,26 @@ class Worker:
             if doc is not None:
                 state = SensorState.from_json(doc)
         return state
+
+
+def dead_letter(
+    topic: str, record: RawRecord, rejection: Rejection
+) -> tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]:
+    """The DLQ message for one rejected record or batch element."""
+    if rejection.index is not None:
+        value = orjson.dumps(rejection.element, default=str)
+    else:
+        value = record.value or b""
+    headers = [
+        ("dlq.reason", rejection.reason.encode()),
+        ("dlq.detail", rejection.detail.encode()),
+        ("dlq.topic", record.topic.encode()),
+        ("dlq.partition", str(record.partition).encode()),
+        ("dlq.offset", str(record.offset).encode()),
+    ]
+    if rejection.index is not None:
+        headers.append(("dlq.index", str(rejection.index).encode()))
+    if len(value) > DLQ_MAX_VALUE:
+        headers.append(("dlq.original_size", str(len(value)).encode()))
+        value = value[:DLQ_MAX_VALUE]
+    return topic, record.key, value, headers

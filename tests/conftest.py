@@ -34,8 +34,9 @@ class System:
 
     def cli(self, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
         """Run the `forecast` CLI against this system."""
-        return run_cli(*args, env={**self.env, "FORECAST_KAFKA_BOOTSTRAP": self.kafka, **env},
-                       timeout=timeout)
+        return run_cli(
+            *args, env={**self.env, "FORECAST_KAFKA_BOOTSTRAP": self.kafka, **env}, timeout=timeout
+        )
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -58,15 +59,19 @@ def base_env(data_dir: Path, **extra: str) -> dict[str, str]:
         FORECAST_WS_PORT="0",
         FORECAST_KAFKA_SESSION_TIMEOUT="2",
         FORECAST_LOG_LEVEL="INFO",
-        **extra,
     )
+    env.update(extra)
     return env
 
 
 def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "forecast.cli", *args],
-        env=env, capture_output=True, text=True, timeout=timeout, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -75,14 +80,19 @@ def start_system(data_dir: Path, *args: str, **extra: str) -> System:
     log = (data_dir / "up.log").open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "forecast.cli", "up", *args],
-        env=env, stdout=subprocess.PIPE, stderr=log, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
     )
     lines: list[str] = []
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         line = process.stdout.readline()
         if not line:
-            raise RuntimeError(f"forecast up exited early: {(data_dir / 'up.log').read_text()[-3000:]}")
+            raise RuntimeError(
+                f"forecast up exited early: {(data_dir / 'up.log').read_text()[-3000:]}"
+            )
         lines.append(line.rstrip())
         if line.startswith("ready"):
             break

@@ -18,9 +18,9 @@ ROWS = 200
 SENSORS = ["ETTh1.OT", "ETTh1.HUFL"]
 
 
-async def collect(ws, want: int, timeout: float = 90) -> list[dict]:
+async def collect(ws, want: int, within: float = 90) -> list[dict]:
     got: list[dict] = []
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(within):
         while len(got) < want:
             message = orjson.loads(await ws.recv())
             if message["type"] == "prediction":
@@ -45,8 +45,11 @@ async def test_replayed_rows_reach_the_websocket_and_clickhouse(system: System) 
         assert [p["seq"] for p in items] == list(range(1, ROWS)), sensor
         assert all(p["step_seconds"] == 3600.0 for p in items)
         assert all(len(p["yhat"]) == len(p["lower"]) == len(p["upper"]) == 24 for p in items)
-        assert all(lo <= y <= hi for p in items for lo, y, hi in zip(
-            p["lower"], p["yhat"], p["upper"], strict=True))
+        assert all(
+            lo <= y <= hi
+            for p in items
+            for lo, y, hi in zip(p["lower"], p["yhat"], p["upper"], strict=True)
+        )
     assert by_sensor["ETTh1.OT"][-1]["ts"] == "2016-07-09T07:00:00.000Z"  # row 200
 
     sql = (
@@ -69,10 +72,12 @@ async def test_replayed_rows_reach_the_websocket_and_clickhouse(system: System) 
 
 async def test_forecast_errors_view_joins_actuals(system: System) -> None:
     result = await asyncio.to_thread(
-        system.cli, "query",
+        system.cli,
+        "query",
         "SELECT count() AS n, countIf(abs(error - (actual - yhat)) > 1e-9) AS bad "
         "FROM forecast.forecast_errors WHERE sensor_id = 'ETTh1.OT' AND horizon = 1",
-        "--format", "json",
+        "--format",
+        "json",
     )
     assert result.returncode == 0, result.stderr
     # Each one-step forecast issued for rows 2..199 meets the actual of the next row.
@@ -107,4 +112,6 @@ async def test_websocket_rejects_missing_credentials_and_bad_messages(system: Sy
         await ws.send(json.dumps({"op": "dance"}))
         assert orjson.loads(await ws.recv())["code"] == "unknown_op"
         await ws.send(json.dumps({"op": "ping", "id": 7}))
-        assert orjson.loads(await ws.recv()) == {"type": "pong", "id": 7}
+        frame = await ws.recv()
+        assert isinstance(frame, str)  # JSON goes in text frames (browsers need them)
+        assert orjson.loads(frame) == {"type": "pong", "id": 7}

@@ -1,0 +1,82 @@
+"""The command line: help everywhere, one-line errors, keys, queries without a server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from forecast.cli import main
+from tests.conftest import base_env, run_cli
+
+
+def all_commands() -> list[list[str]]:
+    paths = []
+    for name, command in main.commands.items():
+        paths.append([name])
+        paths += [[name, sub] for sub in getattr(command, "commands", {})]
+    return paths
+
+
+@pytest.mark.parametrize("path", all_commands(), ids=" ".join)
+def test_every_command_has_help(path: list[str], tmp_path: Path) -> None:
+    result = run_cli(*path, "--help", env=base_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Usage: ")
+
+
+def test_a_bad_variable_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    result = run_cli("up", env=base_env(tmp_path, FORECAST_WS_PORT="70000"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: invalid configuration: FORECAST_WS_PORT='70000': "
+        "Input should be less than or equal to 65535"
+    ]
+
+
+def test_feeding_without_a_broker_says_what_to_do(tmp_path: Path) -> None:
+    result = run_cli("simulate", "--count", "1", env=base_env(tmp_path))
+    assert result.returncode == 1
+    assert "FORECAST_KAFKA_BOOTSTRAP is not set" in result.stderr
+
+
+def test_keys_create_list_revoke(tmp_path: Path) -> None:
+    env = base_env(tmp_path)
+    created = run_cli(
+        "keys", "create", "--role", "analyst", "--scope", "ETTh1.*", "--name", "alice", env=env
+    )
+    assert created.returncode == 0, created.stderr
+    key_id = created.stdout.split("key id: ")[1].split()[0]
+    token = created.stdout.split("token:  ")[1].split()[0]
+    assert token.startswith(f"fk_{key_id}_")
+    listed = run_cli("keys", "list", env=env).stdout
+    assert key_id in listed and "analyst" in listed and "ETTh1.*" in listed
+    assert token.split("_", 2)[2] not in listed and token.split("_", 2)[2] not in (
+        tmp_path / "keys.db"
+    ).read_bytes().decode(errors="replace")
+    assert run_cli("keys", "revoke", key_id, env=env).returncode == 0
+    again = run_cli("keys", "revoke", key_id, env=env)
+    assert again.returncode == 1 and again.stderr.startswith("error: no active key")
+
+
+def test_query_opens_the_embedded_store_when_nothing_runs(tmp_path: Path) -> None:
+    env = base_env(tmp_path)
+    result = run_cli(
+        "query",
+        "SELECT name FROM system.tables WHERE database = 'forecast' ORDER BY name",
+        "--format",
+        "json",
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert [r["name"] for r in json.loads(result.stdout)] == [
+        "drift_events",
+        "forecast_errors",
+        "predictions",
+        "readings",
+        "schema_migrations",
+    ]
+    refused = run_cli("query", "DROP TABLE forecast.readings", env=env)
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("error: only read queries")

@@ -1,0 +1,220 @@
+"""Pure logic: baseline forecaster, batch processing, hub fan-out, query checks, settings."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+
+from forecast.errors import ConfigError, QueryRejected
+from forecast.settings import load_settings
+from gateway.auth import Principal
+from gateway.hub import Hub, Subscriber
+from models.baseline import SeasonalNaive
+from sinks.clickhouse import batch_token, prediction_rows
+from sinks.query import check_readonly
+from streams.pipeline import BatchProcessor, RawRecord
+from streams.state import SensorState
+from streams.validate import Limits
+
+# -- baseline -----------------------------------------------------------------------------
+
+
+def test_seasonal_naive_repeats_the_last_season() -> None:
+    model = SeasonalNaive(horizon=5, season=3)
+    state = model.init_state()
+    assert model.forecast(state) is None
+    for value in [1.0, 2.0]:
+        model.update(state, value)
+    yhat, _, _ = model.forecast(state)
+    assert yhat == [2.0] * 5  # not a full season yet: repeat the last value
+    model.update(state, 3.0)
+    yhat, lower, upper = model.forecast(state)
+    assert yhat == [1.0, 2.0, 3.0, 1.0, 2.0]
+    assert all(lo <= y <= hi for lo, y, hi in zip(lower, yhat, upper, strict=True))
+    # Intervals widen after each full season of the horizon.
+    assert upper[3] - yhat[3] > upper[0] - yhat[0]
+
+
+def test_seasonal_naive_on_a_perfect_season_has_zero_width_after_warm_up() -> None:
+    model = SeasonalNaive(horizon=4, season=2, alpha=1.0)
+    state = model.init_state()
+    for value in [5.0, 7.0] * 10:
+        model.update(state, value)
+    yhat, lower, upper = model.forecast(state)
+    assert yhat == [5.0, 7.0, 5.0, 7.0]
+    assert lower == yhat == upper
+
+
+# -- batch processing ---------------------------------------------------------------------
+
+
+def processor(states: dict[str, SensorState], lateness: float = 3600.0) -> BatchProcessor:
+    return BatchProcessor(
+        SeasonalNaive(horizon=3, season=2),
+        Limits(),
+        lateness,
+        states.get,
+        clock=lambda: 1_800_000_000.0,
+    )
+
+
+def record(offset: int, sensor: str, ts: float, value: float = 1.0) -> RawRecord:
+    raw = orjson.dumps({"sensor_id": sensor, "ts": ts, "value": value})
+    return RawRecord("readings", 0, offset, sensor.encode(), raw)
+
+
+def test_batch_forecasts_from_the_second_reading_with_increasing_seq() -> None:
+    result = processor({}).process([record(i, "s", 1e9 + 60 * i, i) for i in range(4)])
+    assert [p.seq for p in result.predictions] == [1, 2, 3]
+    assert {p.step_seconds for p in result.predictions} == {60.0}
+    assert len(result.readings) == 4
+    assert result.outcomes["accepted"] == 4
+    partition, state = result.touched["s"]
+    assert (partition, state.seq, state.last_ts) == (0, 3, 1e9 + 180)
+
+
+def test_late_and_out_of_order_readings() -> None:
+    states = {
+        "s": SensorState(
+            last_ts=1e9, step=60.0, seq=5, model={"history": [1.0], "var": 0.0, "errors": 0}
+        )
+    }
+    result = processor(states, lateness=600).process(
+        [
+            record(0, "s", 1e9),  # duplicate time
+            record(1, "s", 1e9 - 300),  # out of order, inside the lateness
+            record(2, "s", 1e9 - 601),  # beyond it
+            record(3, "s", 1e9 + 60),
+        ]
+    )
+    assert result.outcomes == {"duplicate": 1, "out_of_order": 1, "accepted": 1}
+    assert [r.reason for _, r in result.rejected] == ["late"]
+    assert [p.seq for p in result.predictions] == [6]
+    assert len(result.readings) == 3  # stored for analysts, late one only in the DLQ
+
+
+def test_prediction_rows_are_one_per_step_with_target_times() -> None:
+    result = processor({}).process([record(0, "s", 1e9), record(1, "s", 1e9 + 3600)])
+    rows = prediction_rows(result.predictions)
+    assert [row[3] for row in rows] == [1, 2, 3]
+    assert [(row[2] - row[1]).total_seconds() for row in rows] == [3600, 7200, 10800]
+
+
+def test_batch_token_is_deterministic() -> None:
+    parts = [("readings", 0, 1), ("readings", 1, 7)]
+    assert batch_token(parts) == batch_token(list(parts))
+    assert batch_token(parts) != batch_token(parts[:1])
+
+
+# -- hub ----------------------------------------------------------------------------------
+
+
+def prediction(sensor: str, seq: int) -> tuple[dict, bytes]:
+    message = {"type": "prediction", "sensor_id": sensor, "seq": seq}
+    return message, orjson.dumps(message)
+
+
+def drain(subscriber: Subscriber) -> list[int]:
+    out = []
+    while not subscriber.queue.empty():
+        out.append(orjson.loads(subscriber.queue.get_nowait())["seq"])
+    return out
+
+
+async def test_hub_routes_by_pattern_and_scope_and_resumes_without_gap_or_duplicate() -> None:
+    hub = Hub(buffer_size=100)
+    everyone = Subscriber(Principal("k", "viewer"), 100)
+    scoped = Subscriber(Principal("k2", "viewer", ("a.*",)), 100)
+    hub.subscribe(everyone, {"*"}, {})
+    hub.subscribe(scoped, {"*"}, {})
+    for seq in range(1, 6):
+        hub.publish_prediction(*prediction("a.x", seq))
+        hub.publish_prediction(*prediction("b.x", seq))
+    hub.publish_prediction(*prediction("a.x", 5))  # re-delivered: dropped
+    assert len(drain(everyone)) == 10
+    assert drain(scoped) == [1, 2, 3, 4, 5]
+
+    late = Subscriber(Principal("k3", "viewer"), 100)
+    assert hub.subscribe(late, {"a.*"}, {"a.x": 2}) == 3
+    hub.publish_prediction(*prediction("a.x", 6))
+    assert drain(late) == [3, 4, 5, 6]
+
+
+async def test_a_full_queue_marks_only_that_subscriber() -> None:
+    hub = Hub()
+    slow, fast = Subscriber(Principal("s", "viewer"), 2), Subscriber(Principal("f", "viewer"), 10)
+    hub.subscribe(slow, {"*"}, {})
+    hub.subscribe(fast, {"*"}, {})
+    for seq in range(1, 6):
+        hub.publish_prediction(*prediction("a", seq))
+    assert slow.overflowed.is_set() and not fast.overflowed.is_set()
+    assert drain(fast) == [1, 2, 3, 4, 5]
+    assert drain(slow) == [1, 2]
+    await asyncio.sleep(0)
+
+
+# -- query checks -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT 1",
+        " select * from forecast.readings; ",
+        "WITH 1 AS x SELECT x",
+        "SELECT ';' AS semicolon",
+        "SHOW TABLES FROM forecast",
+        "DESCRIBE forecast.readings",
+        "SELECT 1 -- trailing; comment",
+    ],
+)
+def test_read_queries_pass(sql: str) -> None:
+    assert check_readonly(sql)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "",
+        "  ;  ",
+        "DROP TABLE forecast.readings",
+        "INSERT INTO t VALUES (1)",
+        "SELECT 1; DROP TABLE forecast.readings",
+        "ALTER TABLE x DELETE WHERE 1",
+        "/* SELECT */ DELETE FROM x",
+        "SET readonly = 0",
+    ],
+)
+def test_other_queries_are_rejected(sql: str) -> None:
+    with pytest.raises(QueryRejected):
+        check_readonly(sql)
+
+
+# -- settings -----------------------------------------------------------------------------
+
+
+def test_bad_settings_name_the_variable_and_the_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FORECAST_HTTP_PORT", "eighty")
+    with pytest.raises(ConfigError, match=r"FORECAST_HTTP_PORT='eighty'"):
+        load_settings()
+
+
+def test_secrets_are_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FORECAST_CLICKHOUSE_URL", "ftp://admin:hunter2@db")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert "FORECAST_CLICKHOUSE_URL=***" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+    monkeypatch.setenv("FORECAST_CLICKHOUSE_URL", "http://admin:hunter2@db:8123/forecast")
+    assert "hunter2" not in repr(load_settings())
+
+
+def test_settings_defaults_and_topics(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FORECAST_TOPIC_PREFIX", "prod.")
+    monkeypatch.setenv("FORECAST_SENSOR_ALLOW", "ETTh1.*, sim.*")
+    settings = load_settings()
+    assert settings.http_port == 8000 and settings.ws_port == 8765
+    assert settings.topic("readings") == "prod.readings"
+    assert settings.sensor_patterns == ("ETTh1.*", "sim.*")
