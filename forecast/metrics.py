@@ -30,6 +30,37 @@ BATCH_RECORDS = Histogram(
     buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000),
     registry=REGISTRY,
 )
+FALLBACKS = Counter(
+    "forecast_fallbacks",
+    "Predictions served by the baseline instead of the production model, by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
+INFERENCE_SECONDS = Histogram(
+    "forecast_inference_seconds",
+    "Time of one model step over a micro-batch, by model.",
+    ["model"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+    registry=REGISTRY,
+)
+INFERENCE_READINGS = Histogram(
+    "forecast_inference_readings",
+    "Readings in one model step over a micro-batch, by model.",
+    ["model"],
+    buckets=(1, 10, 50, 100, 500, 1000, 5000, 10000),
+    registry=REGISTRY,
+)
+MODEL_INFO = Gauge(
+    "forecast_model_info",
+    "The models serving the stream (1 = serving), by name, version and stage.",
+    ["name", "version", "stage"],
+    registry=REGISTRY,
+)
+MODEL_LOAD_FAILURES = Counter(
+    "forecast_model_load_failures",
+    "Model versions refused at load (corrupt or incompatible); the running model stays.",
+    registry=REGISTRY,
+)
 SINK_ROWS = Counter("forecast_sink_rows", "Rows stored, by table.", ["table"], registry=REGISTRY)
 SINK_ERRORS = Counter("forecast_sink_errors", "Failed store writes (retried).", registry=REGISTRY)
 WS_CONNECTIONS = Gauge("forecast_ws_connections", "Open websocket connections.", registry=REGISTRY)

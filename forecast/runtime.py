@@ -22,7 +22,8 @@ from gateway.feed import Feed
 from gateway.http import ApiContext, HttpServer, create_app
 from gateway.hub import Hub
 from gateway.ws import StreamServer
-from models.baseline import SeasonalNaive
+from models.registry import Registry
+from models.serving import ModelWatcher, pick_device
 from sinks import owner
 from sinks.clickhouse import Store
 from streams.broker import EmbeddedBroker, ensure_topics, wait_until_ready
@@ -75,10 +76,18 @@ async def run(
             ctx.checks["store"] = lambda: asyncio.to_thread(store.ping)
         worker = None
         if parts.worker:
-            forecaster = SeasonalNaive(horizon=settings.horizon, season=settings.season)
-            worker = Worker(settings, bootstrap, ctx.store, forecaster)
+            watcher = ModelWatcher(
+                Registry(settings.models_dir),
+                settings.horizon,
+                settings.season,
+                pick_device(settings.device),
+            )
+            await asyncio.to_thread(watcher.refresh)
+            worker = Worker(settings, bootstrap, ctx.store, lambda: watcher.current)
             await worker.start()
             stack.push_async_callback(worker.stop)
+            watching = asyncio.create_task(watcher.run(), name="model-watcher")
+            stack.push_async_callback(_cancel, watching)
             ctx.checks["model"] = _true
         if parts.gateway:
             hub = Hub(settings.replay_buffer)

@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     # Forecasting
     horizon: int = Field(24, ge=1, le=10_000)
     season: int = Field(24, ge=1, le=10_000)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="inference device")
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -91,6 +92,10 @@ class Settings(BaseSettings):
     @cached_property
     def sensor_patterns(self) -> tuple[str, ...]:
         return tuple(p.strip() for p in self.sensor_allow.split(",") if p.strip())
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
 
     @property
     def run_dir(self) -> Path:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
-from forecast.errors import ModelError
-
 Interval = tuple[list[float], list[float], list[float]]  # yhat, lower, upper
+Item = tuple[dict, float, float]  # per-sensor state, value, epoch seconds
 
 
 class StreamingForecaster(Protocol):
-    """A model advanced one reading at a time on a small JSON-able per-sensor state."""
+    """A model advanced reading by reading on small JSON-able per-sensor states."""
 
     name: str
     version: int
@@ -19,17 +19,10 @@ class StreamingForecaster(Protocol):
     def init_state(self) -> dict:
         """A fresh per-sensor state."""
 
-    def update(self, state: dict, value: float) -> None:
-        """Advance ``state`` by one reading (in place)."""
-
-    def forecast(self, state: dict) -> Interval | None:
-        """``horizon`` steps ahead with an interval, or None until enough data is seen."""
+    def step(self, items: list[Item]) -> list[Interval | None]:
+        """Advance each state by its reading, in order (a state may appear several
+        times); return the forecast after each reading, or None until enough history."""
 
 
-def check_finite(result: Interval) -> Interval:
-    """Raise ModelError if a forecast holds a non-finite number."""
-    for series in result:
-        for x in series:
-            if x != x or x in (float("inf"), float("-inf")):
-                raise ModelError("forecast is not finite")
-    return result
+def is_finite(result: Interval) -> bool:
+    return all(math.isfinite(x) for series in result for x in series)

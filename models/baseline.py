@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from models.base import Interval, Item
+
 Z_90 = 1.6448536269514722  # two-sided 90% normal quantile
 
 
@@ -39,7 +41,14 @@ class SeasonalNaive:
         if len(history) > self.season:
             del history[0]
 
-    def forecast(self, state: dict) -> tuple[list[float], list[float], list[float]] | None:
+    def step(self, items: list[Item]) -> list[Interval | None]:
+        out = []
+        for state, value, _ in items:
+            self.update(state, value)
+            out.append(self.forecast(state))
+        return out
+
+    def forecast(self, state: dict) -> Interval | None:
         history: list[float] = state["history"]
         if not history:
             return None

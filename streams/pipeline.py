@@ -2,6 +2,9 @@
 
 The agent hands a batch of records to :meth:`BatchProcessor.process`, then stores what
 comes back (readings, predictions, rejections) and only then acknowledges the records.
+Every forecaster runs once per batch over all its sensors (one forward pass per step
+round), and the production model falls back to the baseline per sensor while it warms
+up, or if it fails or returns non-finite values.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from forecast.errors import ModelError
+from forecast import metrics
 from forecast.schemas import Prediction, Reading
-from models.base import StreamingForecaster, check_finite
+from models.base import Interval, StreamingForecaster, is_finite
+from models.baseline import SeasonalNaive
 from streams.state import SensorState
 from streams.validate import Limits, Rejection, parse_record
 
@@ -30,13 +34,24 @@ class RawRecord:
     value: bytes | None
 
 
+@dataclass(frozen=True)
+class ModelSet:
+    """What forecasts now: the production model (None = baseline only) and a shadow."""
+
+    baseline: SeasonalNaive
+    production: StreamingForecaster | None = None
+    shadow: StreamingForecaster | None = None
+
+
 @dataclass(slots=True)
 class BatchResult:
     readings: list[Reading] = field(default_factory=list)
-    predictions: list[Prediction] = field(default_factory=list)
+    predictions: list[Prediction] = field(default_factory=list)  # published and stored
+    shadow: list[Prediction] = field(default_factory=list)  # stored only
     rejected: list[tuple[RawRecord, Rejection]] = field(default_factory=list)
     touched: dict[str, tuple[int, SensorState]] = field(default_factory=dict)
-    outcomes: Counter = field(default_factory=Counter)  # accepted / out_of_order / duplicate
+    outcomes: Counter = field(default_factory=Counter)  # accepted, out_of_order, duplicate
+    fallbacks: Counter = field(default_factory=Counter)  # warming_up, failed
 
 
 class BatchProcessor:
@@ -44,13 +59,13 @@ class BatchProcessor:
 
     def __init__(
         self,
-        forecaster: StreamingForecaster,
+        models: Callable[[], ModelSet],
         limits: Limits,
         allowed_lateness: float,
         load_state: Callable[[str], SensorState | None],
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.forecaster = forecaster
+        self.models = models
         self.limits = limits
         self.allowed_lateness = allowed_lateness
         self.load_state = load_state
@@ -59,58 +74,107 @@ class BatchProcessor:
     def process(self, records: list[RawRecord]) -> BatchResult:
         result = BatchResult()
         now = self.clock()
+        accepted: list[tuple[Reading, SensorState, float | None]] = []
         for record in records:
             readings, rejections = parse_record(record.value, self.limits, now)
             result.rejected.extend((record, rejection) for rejection in rejections)
             for reading in readings:
-                self._one(record, reading, result, now)
+                state = self._admit(record, reading, result)
+                if state is not None:  # the step as of this reading (later ones move it)
+                    accepted.append((reading, state, state.step))
+        if accepted:
+            self._forecast(accepted, result, now)
         return result
 
-    def _one(self, record: RawRecord, reading: Reading, result: BatchResult, now: float) -> None:
+    def _admit(
+        self, record: RawRecord, reading: Reading, result: BatchResult
+    ) -> SensorState | None:
+        """Classify a reading by event time; return its state if it advances the sensor."""
         touched = result.touched.get(reading.sensor_id)
-        state = touched[1] if touched else self._state(reading.sensor_id)
+        state = touched[1] if touched else self.load_state(reading.sensor_id) or SensorState()
         if state.last_ts is not None and reading.ts <= state.last_ts:
             if reading.ts < state.last_ts - self.allowed_lateness:
                 detail = f"{state.last_ts - reading.ts:.0f}s older than the latest reading"
                 result.rejected.append((record, Rejection("late", detail)))
-                return
-            # Inside the allowed lateness: stored for analysts, the forecaster moves on.
-            outcome = "duplicate" if reading.ts == state.last_ts else "out_of_order"
-            result.outcomes[outcome] += 1
+                return None
+            # Inside the allowed lateness: stored for analysts; the forecasters move on.
+            result.outcomes["duplicate" if reading.ts == state.last_ts else "out_of_order"] += 1
             result.readings.append(reading)
-            return
+            return None
         result.outcomes["accepted"] += 1
         result.readings.append(reading)
         result.touched[reading.sensor_id] = (record.partition, state)
         state.observe(reading.ts)
-        self.forecaster.update(state.model, reading.value)
-        try:
-            forecast = self.forecaster.forecast(state.model)
-            if forecast is None or state.step is None:
-                return  # not enough history yet (the step needs two readings)
-            yhat, lower, upper = check_finite(forecast)
-        except (ModelError, ValueError, ArithmeticError) as exc:
-            log.warning("forecast failed for %s: %s", reading.sensor_id, exc)
-            result.outcomes["forecast_failed"] += 1
-            return
-        state.seq += 1
-        result.predictions.append(
-            Prediction(
-                sensor_id=reading.sensor_id,
-                ts=reading.ts,
-                issued_at=now,
-                model=self.forecaster.name,
-                model_version=self.forecaster.version,
-                step_seconds=state.step or 0.0,
-                yhat=yhat,
-                lower=lower,
-                upper=upper,
-                seq=state.seq,
-            )
-        )
-
-    def _state(self, sensor_id: str) -> SensorState:
-        state = self.load_state(sensor_id)
-        if state is None:
-            state = SensorState(model=self.forecaster.init_state())
         return state
+
+    def _forecast(
+        self, accepted: list[tuple[Reading, SensorState]], result: BatchResult, now: float
+    ) -> None:
+        models = self.models()
+        base, _ = _run(models.baseline, accepted)
+        main, failed = _run(models.production, accepted) if models.production else (None, False)
+        shadow, _ = _run(models.shadow, accepted) if models.shadow else (None, False)
+        for i, (reading, state, step) in enumerate(accepted):
+            if step is None:
+                continue  # the step needs two readings
+            chosen, forecaster = base[i], models.baseline
+            if main is not None:
+                if main[i] is not None and is_finite(main[i]):
+                    chosen, forecaster = main[i], models.production
+                else:
+                    warming = main[i] is None and not failed
+                    result.fallbacks["warming_up" if warming else "failed"] += 1
+            if chosen is None or not is_finite(chosen):
+                result.outcomes["forecast_failed"] += 1
+                continue
+            state.seq += 1
+            made = Prediction(
+                reading.sensor_id,
+                reading.ts,
+                now,
+                forecaster.name,
+                forecaster.version,
+                step,
+                *chosen,
+                state.seq,
+            )
+            result.predictions.append(made)
+            if shadow is not None and shadow[i] is not None and is_finite(shadow[i]):
+                result.shadow.append(
+                    Prediction(
+                        reading.sensor_id,
+                        reading.ts,
+                        now,
+                        models.shadow.name,
+                        models.shadow.version,
+                        step,
+                        *shadow[i],
+                        state.seq,
+                    )
+                )
+
+
+def _run(
+    forecaster: StreamingForecaster, accepted: list[tuple[Reading, SensorState]]
+) -> tuple[list[Interval | None], bool]:
+    """One forecaster over the batch, and whether it failed (then the baseline serves)."""
+    states = []
+    for _, state, _ in accepted:
+        own = state.models.get(forecaster.name)
+        if own is None:
+            own = state.models[forecaster.name] = forecaster.init_state()
+        states.append(own)
+    started = time.perf_counter()
+    try:
+        forecasts = forecaster.step(
+            [
+                (own, reading.value, reading.ts)
+                for own, (reading, _, _) in zip(states, accepted, strict=True)
+            ]
+        )
+    except Exception:  # a model bug must not stop the stream: fall back and count it
+        log.exception("forecaster %s v%s failed", forecaster.name, forecaster.version)
+        return [None] * len(accepted), True
+    metrics.INFERENCE_SECONDS.labels(forecaster.name).observe(time.perf_counter() - started)
+    metrics.INFERENCE_READINGS.labels(forecaster.name).observe(len(accepted))
+    return forecasts, False

@@ -26,7 +26,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 
 import faust
 import orjson
@@ -37,9 +38,8 @@ from faust.types import EventT
 from forecast import metrics
 from forecast.errors import StoreError
 from forecast.settings import Settings
-from models.base import StreamingForecaster
 from sinks.clickhouse import Store, batch_token
-from streams.pipeline import BatchProcessor, BatchResult, RawRecord
+from streams.pipeline import BatchProcessor, BatchResult, ModelSet, RawRecord
 from streams.state import SensorState
 from streams.validate import Limits, Rejection
 
@@ -66,7 +66,7 @@ class Worker:
         settings: Settings,
         bootstrap: str,
         store: Store,
-        forecaster: StreamingForecaster,
+        models: Callable[[], ModelSet],
     ) -> None:
         self.settings = settings
         self.store = store
@@ -100,7 +100,7 @@ class Worker:
             )
         )
         self.processor = BatchProcessor(
-            forecaster,
+            models,
             Limits(
                 settings.max_record_bytes,
                 settings.max_batch_readings,
@@ -168,7 +168,10 @@ class Worker:
         while True:
             try:
                 await asyncio.to_thread(
-                    self.store.write_batch, result.readings, result.predictions, token
+                    self.store.write_batch,
+                    result.readings,
+                    result.predictions + result.shadow,
+                    token,
                 )
                 self.store_ok = True
                 return
@@ -218,10 +221,13 @@ class Worker:
                 metrics.READINGS.labels(outcome, "").inc(count)
         for _, rejection in result.rejected:
             metrics.READINGS.labels("rejected", rejection.reason).inc()
-        if result.predictions:
-            metrics.PREDICTIONS.labels(self.processor.forecaster.name).inc(len(result.predictions))
+        for reason, count in result.fallbacks.items():
+            metrics.FALLBACKS.labels(reason).inc(count)
+        for model, count in Counter(p.model for p in result.predictions).items():
+            metrics.PREDICTIONS.labels(model).inc(count)
+        stored = result.predictions + result.shadow
         metrics.SINK_ROWS.labels("readings").inc(len(result.readings))
-        metrics.SINK_ROWS.labels("predictions").inc(sum(len(p.yhat) for p in result.predictions))
+        metrics.SINK_ROWS.labels("predictions").inc(sum(len(p.yhat) for p in stored))
 
     def _load_state(self, sensor_id: str) -> SensorState | None:
         state = self.cache.get(sensor_id)

@@ -34,7 +34,11 @@ def test_dashboard_draws_live_forecasts(system: System, tmp_path: Path) -> None:
             page.wait_for_selector("#status.live", timeout=15_000)
             replay = system.cli("replay", str(ETTH1), "--limit", "30")
             assert replay.returncode == 0, replay.stderr
-            page.wait_for_selector('[data-sensor="ETTh1.OT"] .seq:has-text("#29")', timeout=30_000)
+            page.wait_for_function(
+                """() => [...document.querySelectorAll('.card .seq')]
+                          .filter(e => e.textContent === '#29').length === 7""",
+                timeout=30_000,
+            )
             sensors = page.eval_on_selector_all(
                 ".card", "cards => cards.map(c => c.dataset.sensor)"
             )

@@ -14,7 +14,7 @@ from gateway.hub import Hub, Subscriber
 from models.baseline import SeasonalNaive
 from sinks.clickhouse import batch_token, prediction_rows
 from sinks.query import check_readonly
-from streams.pipeline import BatchProcessor, RawRecord
+from streams.pipeline import BatchProcessor, ModelSet, RawRecord
 from streams.state import SensorState
 from streams.validate import Limits
 
@@ -51,8 +51,9 @@ def test_seasonal_naive_on_a_perfect_season_has_zero_width_after_warm_up() -> No
 
 
 def processor(states: dict[str, SensorState], lateness: float = 3600.0) -> BatchProcessor:
+    models = ModelSet(SeasonalNaive(horizon=3, season=2))
     return BatchProcessor(
-        SeasonalNaive(horizon=3, season=2),
+        lambda: models,
         Limits(),
         lateness,
         states.get,
@@ -68,6 +69,7 @@ def record(offset: int, sensor: str, ts: float, value: float = 1.0) -> RawRecord
 def test_batch_forecasts_from_the_second_reading_with_increasing_seq() -> None:
     result = processor({}).process([record(i, "s", 1e9 + 60 * i, i) for i in range(4)])
     assert [p.seq for p in result.predictions] == [1, 2, 3]
+    assert [p.ts for p in result.predictions] == [1e9 + 60, 1e9 + 120, 1e9 + 180]
     assert {p.step_seconds for p in result.predictions} == {60.0}
     assert len(result.readings) == 4
     assert result.outcomes["accepted"] == 4
@@ -76,11 +78,8 @@ def test_batch_forecasts_from_the_second_reading_with_increasing_seq() -> None:
 
 
 def test_late_and_out_of_order_readings() -> None:
-    states = {
-        "s": SensorState(
-            last_ts=1e9, step=60.0, seq=5, model={"history": [1.0], "var": 0.0, "errors": 0}
-        )
-    }
+    baseline = {"history": [1.0], "var": 0.0, "errors": 0}
+    states = {"s": SensorState(last_ts=1e9, step=60.0, seq=5, models={"baseline": baseline})}
     result = processor(states, lateness=600).process(
         [
             record(0, "s", 1e9),  # duplicate time

@@ -1,0 +1,181 @@
+"""The model registry: versioned artifacts and their stages, in a folder.
+
+Layout under ``<data_dir>/models``::
+
+    registry.json            stages: production and shadow (name, version), and history
+    <name>/v<N>/model.pt     weights and configuration (loaded with weights_only=True)
+    <name>/v<N>/meta.json    parameters, metrics, data fingerprint, artifact checksum
+
+One production model serves the stream; a shadow model, if any, runs beside it and its
+predictions are stored with its own name and version. A version replaced in a stage is
+``archived``. Writers take an exclusive lock; ``registry.json`` is replaced atomically,
+so workers can poll it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import torch
+
+from forecast.errors import ModelError
+from models.lstm import LinearLSTMNet, LSTMForecaster
+
+FORMAT = 1
+STAGES = ("production", "shadow")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: int
+
+
+class Registry:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.file = root / "registry.json"
+
+    # -- reading ------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        try:
+            return orjson.loads(self.file.read_bytes())
+        except FileNotFoundError:
+            return {"production": None, "shadow": None, "history": []}
+        except orjson.JSONDecodeError as exc:
+            raise ModelError(f"{self.file} is corrupt: {exc}") from exc
+
+    def revision(self) -> float:
+        """Changes whenever the stages change (for polling)."""
+        try:
+            return self.file.stat().st_mtime_ns
+        except FileNotFoundError:
+            return 0
+
+    def stage(self, stage: str) -> ModelRef | None:
+        ref = self.state().get(stage)
+        return ModelRef(ref["name"], ref["version"]) if ref else None
+
+    def versions(self) -> list[dict]:
+        state = self.state()
+        staged = {(r["name"], r["version"]): s for s in STAGES if (r := state.get(s))}
+        out = []
+        for meta_file in sorted(self.root.glob("*/v*/meta.json")):
+            meta = orjson.loads(meta_file.read_bytes())
+            key = (meta["name"], meta["version"])
+            archived = any((h["name"], h["version"]) == key for h in state["history"])
+            meta["stage"] = staged.get(key, "archived" if archived else "registered")
+            out.append(meta)
+        return sorted(out, key=lambda m: (m["name"], m["version"]))
+
+    def meta(self, name: str, version: int) -> dict:
+        for meta in self.versions():
+            if (meta["name"], meta["version"]) == (name, version):
+                return meta
+        raise ModelError(f"no model {name} v{version}")
+
+    # -- writing ------------------------------------------------------------------------
+
+    def register(self, name: str, artifact: dict, meta: dict) -> int:
+        with self._locked():
+            existing = [int(p.name[1:]) for p in (self.root / name).glob("v*") if p.is_dir()]
+            version = max(existing, default=0) + 1
+            folder = self.root / name / f"v{version}"
+            folder.mkdir(parents=True)
+            torch.save({**artifact, "format": FORMAT}, folder / "model.pt")
+            meta = {
+                **meta,
+                "name": name,
+                "version": version,
+                "created_at": time.time(),
+                "artifact_sha256": _sha256(folder / "model.pt"),
+            }
+            (folder / "meta.json").write_bytes(orjson.dumps(meta, option=orjson.OPT_INDENT_2))
+        return version
+
+    def promote(self, name: str, version: int, stage: str = "production") -> None:
+        if stage not in STAGES:
+            raise ModelError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
+        self.load(name, version)  # refuse what cannot serve
+        with self._locked():
+            state = self.state()
+            previous = state.get(stage)
+            if previous:
+                state["history"].append({**previous, "stage": stage, "until": time.time()})
+            state[stage] = {"name": name, "version": version, "since": time.time()}
+            if stage == "production" and state.get("shadow") == {"name": name, "version": version}:
+                state["shadow"] = None
+            self._write(state)
+
+    def rollback(self, stage: str = "production") -> ModelRef:
+        """Return ``stage`` to the version it had before the current one."""
+        with self._locked():
+            state = self.state()
+            earlier = [h for h in state["history"] if h["stage"] == stage]
+            if not earlier:
+                raise ModelError(f"nothing to roll back to in {stage}")
+            back = earlier[-1]
+            state["history"].remove(back)
+            state[stage] = {"name": back["name"], "version": back["version"], "since": time.time()}
+            self._write(state)
+        return ModelRef(back["name"], back["version"])
+
+    def clear(self, stage: str) -> None:
+        with self._locked():
+            state = self.state()
+            state[stage] = None
+            self._write(state)
+
+    # -- loading ------------------------------------------------------------------------
+
+    def load(self, name: str, version: int, device: str = "cpu") -> LSTMForecaster:
+        """Load and check an artifact; ModelError if it is missing, corrupt or foreign."""
+        folder = self.root / name / f"v{version}"
+        try:
+            meta = orjson.loads((folder / "meta.json").read_bytes())
+        except (FileNotFoundError, orjson.JSONDecodeError) as exc:
+            raise ModelError(f"model {name} v{version}: unreadable metadata ({exc})") from exc
+        if _sha256(folder / "model.pt") != meta.get("artifact_sha256"):
+            raise ModelError(f"model {name} v{version}: artifact checksum mismatch (corrupt)")
+        try:
+            artifact = torch.load(folder / "model.pt", map_location=device, weights_only=True)
+            if artifact.get("format") != FORMAT or artifact.get("kind") != "linear-lstm":
+                raise ModelError(f"model {name} v{version}: incompatible artifact format")
+            config = artifact["config"]
+            net = LinearLSTMNet(config["lookback"], config["horizon"], config["hidden"])
+            net.load_state_dict(artifact["state_dict"])
+        except ModelError:
+            raise
+        except Exception as exc:  # torch raises many types for a bad file
+            raise ModelError(f"model {name} v{version}: cannot load ({exc})") from exc
+        forecaster = LSTMForecaster(net, version, artifact["quantiles"].numpy(), device)
+        forecaster.name = name
+        return forecaster
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / ".lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _write(self, state: dict) -> None:
+        tmp = self.file.with_suffix(".tmp")
+        tmp.write_bytes(orjson.dumps(state, option=orjson.OPT_INDENT_2))
+        os.replace(tmp, self.file)
+
+
+def _sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return "missing"
