@@ -199,12 +199,21 @@ def _progress(label: str) -> Callable[[int], None]:
 )
 @click.option("--limit", type=click.IntRange(min=1), help="Send at most this many rows.")
 @click.option(
+    "--start",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="First data row to send (0-based).",
+)
+@click.option(
     "--batch/--no-batch",
     default=False,
     show_default=True,
     help="Send each row as one batch record (JSON array).",
 )
-def replay(file: Path, prefix: str | None, speed: float, limit: int | None, batch: bool) -> None:
+def replay(
+    file: Path, prefix: str | None, speed: float, limit: int | None, start: int, batch: bool
+) -> None:
     """Replay a wide CSV (a time column; every other column becomes sensor PREFIX.COLUMN)."""
     from streams.feeds import replay_csv
 
@@ -219,6 +228,7 @@ def replay(file: Path, prefix: str | None, speed: float, limit: int | None, batc
                 prefix=prefix,
                 speed=speed,
                 limit=limit,
+                start=start,
                 batch=batch,
                 progress=_progress("replay"),
             ),
@@ -393,5 +403,4 @@ def keys_revoke(key_id: str) -> None:
     click.echo(f"revoked {key_id}")
 
 
-if __name__ == "__main__":
-    main()
+from forecast import cli_models  # noqa: E402, F401 - registers the model commands

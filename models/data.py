@@ -53,7 +53,9 @@ def load_wide_csv(path: Path) -> Series:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
     if frame.shape[1] < 2:
         raise ConfigError(f"{path}: need a time column and at least one value column")
-    ts = pd.to_datetime(frame.iloc[:, 0], utc=True).astype("int64").to_numpy() / 1e9
+    stamps = pd.to_datetime(frame.iloc[:, 0], utc=True)
+    # Seconds from the epoch, whatever resolution pandas picked for the column.
+    ts = (stamps - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy()
     values = frame.iloc[:, 1:].to_numpy(np.float64)
     if not np.isfinite(values).all():
         raise ConfigError(f"{path}: missing or non-finite values")

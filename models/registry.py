@@ -112,8 +112,13 @@ class Registry:
             if previous:
                 state["history"].append({**previous, "stage": stage, "until": time.time()})
             state[stage] = {"name": name, "version": version, "since": time.time()}
-            if stage == "production" and state.get("shadow") == {"name": name, "version": version}:
-                state["shadow"] = None
+            shadow = state.get("shadow")
+            if (
+                stage == "production"
+                and shadow
+                and (shadow["name"], shadow["version"]) == (name, version)
+            ):
+                state["shadow"] = None  # the challenger won: it serves now
             self._write(state)
 
     def rollback(self, stage: str = "production") -> ModelRef:
@@ -140,6 +145,8 @@ class Registry:
     def load(self, name: str, version: int, device: str = "cpu") -> LSTMForecaster:
         """Load and check an artifact; ModelError if it is missing, corrupt or foreign."""
         folder = self.root / name / f"v{version}"
+        if not folder.is_dir():
+            raise ModelError(f"no model {name} v{version}")
         try:
             meta = orjson.loads((folder / "meta.json").read_bytes())
         except (FileNotFoundError, orjson.JSONDecodeError) as exc:

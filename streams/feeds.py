@@ -21,9 +21,10 @@ Progress = Callable[[int], None]
 
 
 def read_wide_csv(
-    path: Path, prefix: str | None = None, limit: int | None = None
+    path: Path, prefix: str | None = None, limit: int | None = None, start: int = 0
 ) -> Iterator[tuple[float, list[dict]]]:
-    """Yield (epoch seconds, readings) per row; every non-time column is ``<prefix>.<column>``."""
+    """Yield (epoch seconds, readings) per data row from row ``start`` (0-based), at most
+    ``limit`` rows; every non-time column is sensor ``<prefix>.<column>``."""
     prefix = prefix or path.stem
     with path.open(newline="") as handle:
         reader = csv.reader(handle)
@@ -36,7 +37,9 @@ def read_wide_csv(
             raise ConfigError(f"{path}: no time column (one of {', '.join(TIME_COLUMNS)})")
         columns = [(i, f"{prefix}.{h.strip()}") for i, h in enumerate(header) if i != time_index]
         for number, row in enumerate(reader, start=2):
-            if limit is not None and number - 2 >= limit:
+            if number - 2 < start:
+                continue
+            if limit is not None and number - 2 >= start + limit:
                 return
             try:
                 ts = parse_time(row[time_index])
@@ -61,6 +64,7 @@ async def replay_csv(
     prefix: str | None = None,
     speed: float = 0.0,
     limit: int | None = None,
+    start: int = 0,
     batch: bool = False,
     progress: Progress | None = None,
 ) -> int:
@@ -73,7 +77,7 @@ async def replay_csv(
     first_ts: float | None = None
     started = time.monotonic()
     pending = []
-    for ts, readings in read_wide_csv(path, prefix, limit):
+    for ts, readings in read_wide_csv(path, prefix, limit, start):
         if speed > 0:
             first_ts = ts if first_ts is None else first_ts
             delay = (ts - first_ts) / speed - (time.monotonic() - started)

@@ -31,6 +31,7 @@ class System:
     viewer_token: str
     output: list[str]
     log: IO[str]
+    data_dir: Path
 
     def cli(self, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
         """Run the `forecast` CLI against this system."""
@@ -66,7 +67,7 @@ def base_env(data_dir: Path, **extra: str) -> dict[str, str]:
 
 def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "forecast.cli", *args],
+        [sys.executable, "-m", "forecast", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -79,7 +80,7 @@ def start_system(data_dir: Path, *args: str, **extra: str) -> System:
     env = base_env(data_dir, **extra)
     log = (data_dir / "up.log").open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "forecast.cli", "up", *args],
+        [sys.executable, "-m", "forecast", "up", *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=log,
@@ -109,6 +110,7 @@ def start_system(data_dir: Path, *args: str, **extra: str) -> System:
         viewer_token=re.search(r"token=([^&\s]+)", text).group(1),
         output=lines,
         log=log,
+        data_dir=data_dir,
     )
 
 
