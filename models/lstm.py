@@ -90,7 +90,7 @@ class LSTMForecaster:
         self.quantiles = torch.as_tensor(quantiles, dtype=torch.float32, device=device)
 
     def init_state(self) -> dict:
-        return {"buf": [], "h": None, "c": None, "version": self.version}
+        return {"buf": [], "h": None, "c": None}
 
     def step(self, items: list[tuple[dict, float, float]]) -> list[Interval | None]:
         """Advance each (state, value, ts) in order; forecast once a window is full."""
@@ -108,8 +108,6 @@ class LSTMForecaster:
                 buf.append(value)
                 if len(buf) > self.lookback:
                     del buf[0]
-                if state.get("version") != self.version:  # a new model starts afresh
-                    state.update(h=None, c=None, version=self.version)
                 if len(buf) == self.lookback:
                     ready.append(index)
             if ready:

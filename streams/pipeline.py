@@ -114,6 +114,10 @@ class BatchProcessor:
         base, _ = _run(models.baseline, accepted)
         main, failed = _run(models.production, accepted) if models.production else (None, False)
         shadow, _ = _run(models.shadow, accepted) if models.shadow else (None, False)
+        serving = {state_key(m) for m in (models.baseline, models.production, models.shadow) if m}
+        for _, state, _ in accepted:
+            for stale in state.models.keys() - serving:
+                del state.models[stale]  # a model that no longer serves
         for i, (reading, state, step) in enumerate(accepted):
             if step is None:
                 continue  # the step needs two readings
@@ -154,15 +158,21 @@ class BatchProcessor:
                 )
 
 
+def state_key(forecaster: StreamingForecaster) -> str:
+    """Each model version keeps its own per-sensor state; a new version starts afresh."""
+    return f"{forecaster.name}@{forecaster.version}"
+
+
 def _run(
     forecaster: StreamingForecaster, accepted: list[tuple[Reading, SensorState]]
 ) -> tuple[list[Interval | None], bool]:
     """One forecaster over the batch, and whether it failed (then the baseline serves)."""
+    key = state_key(forecaster)
     states = []
     for _, state, _ in accepted:
-        own = state.models.get(forecaster.name)
+        own = state.models.get(key)
         if own is None:
-            own = state.models[forecaster.name] = forecaster.init_state()
+            own = state.models[key] = forecaster.init_state()
         states.append(own)
     started = time.perf_counter()
     try:

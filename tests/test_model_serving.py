@@ -14,7 +14,6 @@ import torch
 
 from models.data import load_wide_csv
 from models.registry import Registry
-from models.train import offline_forecasts
 from tests.conftest import ETTH1, System, base_env, run_cli, start_system
 
 pytestmark = pytest.mark.integration

@@ -200,3 +200,33 @@ def test_series_times_are_epoch_seconds() -> None:
     series = load_wide_csv(ETTH1)
     assert series.ts[0] == 1467331200.0  # 2016-07-01T00:00:00Z
     assert series.step_seconds == 3600.0
+
+
+def test_shadow_and_production_of_one_name_keep_separate_state(trained, tmp_path: Path) -> None:
+    import orjson
+
+    registry = Registry(tmp_path)
+    first, second = register(registry, trained), register(registry, trained)
+    models = ModelSet(
+        SeasonalNaive(horizon=12, season=24),
+        registry.load("lstm", first),
+        registry.load("lstm", second),
+    )
+    processor = BatchProcessor(lambda: models, Limits(), 3600, lambda _: None, clock=lambda: 2e9)
+    records = [
+        RawRecord(
+            "readings",
+            0,
+            i,
+            b"s",
+            orjson.dumps({"sensor_id": "s", "ts": 1e9 + 3600 * i, "value": 10 + i % 24}),
+        )
+        for i in range(60)
+    ]
+    result = processor.process(records)
+    served = [p for p in result.predictions if p.model == "lstm"]
+    assert len(served) == len(result.shadow) == 60 - CONFIG.lookback + 1
+    # Same weights, separate state: the shadow's forecasts equal production's.
+    for mine, theirs in zip(served, result.shadow, strict=True):
+        assert (theirs.model_version, theirs.seq) == (second, mine.seq)
+        assert np.allclose(mine.yhat, theirs.yhat, atol=1e-6)

@@ -79,7 +79,7 @@ def test_batch_forecasts_from_the_second_reading_with_increasing_seq() -> None:
 
 def test_late_and_out_of_order_readings() -> None:
     baseline = {"history": [1.0], "var": 0.0, "errors": 0}
-    states = {"s": SensorState(last_ts=1e9, step=60.0, seq=5, models={"baseline": baseline})}
+    states = {"s": SensorState(last_ts=1e9, step=60.0, seq=5, models={"baseline@1": baseline})}
     result = processor(states, lateness=600).process(
         [
             record(0, "s", 1e9),  # duplicate time
