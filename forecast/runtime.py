@@ -64,6 +64,7 @@ async def run(
         else:
             bootstrap = settings.kafka_bootstrap
             await wait_until_ready(bootstrap, 30.0)
+            announce(f"kafka:     {bootstrap}")
         await ensure_topics(bootstrap, settings)
 
         auth = Authenticator(key_store(settings), enabled=settings.auth)

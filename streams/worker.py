@@ -93,9 +93,7 @@ class Worker:
                 name="sensor-state",
                 beacon=self.app.tables.beacon,
                 partitions=settings.kafka_partitions,
-                schema=faust.Schema(
-                    key_type=str, value_type=dict, key_serializer="raw", value_serializer="json"
-                ),
+                schema=faust.Schema(key_type=str, key_serializer="raw", value_serializer="json"),
                 help="Per-sensor state of the forecasters.",
             )
         )

@@ -77,8 +77,9 @@ def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.
 
 
 def start_system(data_dir: Path, *args: str, **extra: str) -> System:
+    data_dir.mkdir(parents=True, exist_ok=True)
     env = base_env(data_dir, **extra)
-    log = (data_dir / "up.log").open("w")
+    log = (data_dir / "up.log").open("a")
     process = subprocess.Popen(
         [sys.executable, "-m", "forecast", "up", *args],
         env=env,
