@@ -54,7 +54,7 @@ def run_readonly(
     columns, rows = store.query_with_columns(
         statement,
         {
-            "readonly": 2,
+            "readonly": 1,  # also refuses SETTINGS in the query that would lift limits
             "max_execution_time": timeout,
             "max_result_rows": max_rows + 1,
             "result_overflow_mode": "break",
