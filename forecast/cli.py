@@ -298,33 +298,110 @@ def query(sql: str, fmt: str, max_rows: int, timeout: float) -> None:
         click.echo(f"(truncated to {max_rows} rows)", err=True)
 
 
-def _run_query(settings: Settings, sql: str, max_rows: int, timeout: float) -> Any:
+def _through_store(
+    settings: Settings,
+    local: Callable[[Any], Any],
+    remote: Callable[[Any, Any], Any],
+    timeout: float,
+) -> Any:
+    """Run ``local(store)`` on the store, or ``remote(client, owner)`` through the running
+    process that owns the embedded store (chDB allows one process per directory)."""
     from sinks import owner
     from sinks.clickhouse import Store
-    from sinks.query import QueryResult, run_readonly
 
     running = owner.find(settings.run_dir) if settings.clickhouse_url is None else None
     if running is None:
         store = Store.open(settings)
         try:
-            return run_readonly(store, sql, max_rows, timeout)
+            return local(store)
         finally:
             store.close()
     import httpx
 
+    headers = {"Authorization": f"Bearer {running.token}"}
     try:
-        response = httpx.post(
-            f"{running.url}/v1/query",
-            json={"sql": sql, "max_rows": min(max_rows, 10_000)},
-            headers={"Authorization": f"Bearer {running.token}"},
-            timeout=timeout + 5,
-        )
+        with httpx.Client(base_url=running.url, headers=headers, timeout=timeout + 5) as client:
+            response = remote(client, running)
     except httpx.HTTPError as exc:
         raise ForecastError(f"the running engine at {running.url} did not answer: {exc}") from exc
-    body = response.json()
     if response.status_code != 200:
+        body = response.json()
         raise ForecastError(f"{body['error']['code']}: {body['error']['message']}")
+    return response
+
+
+def _run_query(settings: Settings, sql: str, max_rows: int, timeout: float) -> Any:
+    from sinks.query import QueryResult, run_readonly
+
+    result = _through_store(
+        settings,
+        lambda store: run_readonly(store, sql, max_rows, timeout),
+        lambda client, _: client.post(
+            "/v1/query", json={"sql": sql, "max_rows": min(max_rows, 10_000)}
+        ),
+        timeout,
+    )
+    if isinstance(result, QueryResult):
+        return result
+    body = result.json()
     return QueryResult(body["columns"], [tuple(r) for r in body["rows"]], body["truncated"])
+
+
+@command(main, "export")
+@click.option(
+    "--what",
+    type=click.Choice(["predictions", "errors"]),
+    default="predictions",
+    show_default=True,
+    help="Predictions, or each step beside its actual.",
+)
+@click.option("--sensors", default="*", show_default=True, help="Glob pattern of sensor ids.")
+@click.option("--from", "start", help="RFC 3339; forecasts issued for readings from then.")
+@click.option("--to", "stop", help="RFC 3339; up to (not including) then.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "json", "parquet"]),
+    default="csv",
+    show_default=True,
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File to write (default: standard output; required for parquet).",
+)
+def export_cmd(
+    what: str, sensors: str, start: str | None, stop: str | None, fmt: str, output: Path | None
+) -> None:
+    """Export predictions or forecast errors for a sensor pattern and a time range."""
+    from sinks.export import ExportRequest, export
+    from streams.validate import Invalid, parse_time
+
+    if fmt == "parquet" and output is None:
+        raise ForecastError("--format parquet needs --output FILE")
+    try:
+        bounds = [
+            None if t is None else datetime.fromtimestamp(parse_time(t), UTC) for t in (start, stop)
+        ]
+    except Invalid as exc:
+        raise ForecastError(f"bad time: {exc.detail}") from None
+    wanted = ExportRequest(what, sensors, bounds[0], bounds[1], fmt)
+    settings = _settings()
+    params = {"what": what, "sensors": sensors, "format": fmt}
+    params.update({k: v for k, v in (("from", start), ("to", stop)) if v})
+    result = _through_store(
+        settings,
+        lambda store: export(store, wanted),
+        lambda client, _: client.get("/v1/export", params=params),
+        300.0,
+    )
+    data = result if isinstance(result, bytes) else result.content
+    if output is None:
+        click.echo(data.decode(), nl=False)
+    else:
+        output.write_bytes(data)
+        click.echo(f"wrote {len(data)} bytes to {output}", err=True)
 
 
 def _render(result: Any, fmt: str) -> str:

@@ -311,3 +311,54 @@ def bench_accuracy(
             ]
         )
     )
+
+
+@command(bench, "sink")
+@click.option("--batches", type=click.IntRange(1, 10_000), default=20, show_default=True)
+@click.option(
+    "--batch-readings",
+    type=click.IntRange(1, 1_000_000),
+    default=2000,
+    show_default=True,
+    help="Readings per batch, each with one prediction.",
+)
+@click.option(
+    "--horizon",
+    type=click.IntRange(1, 1000),
+    default=24,
+    show_default=True,
+    help="Prediction rows per reading.",
+)
+@click.option("--sensors", type=click.IntRange(1, 1_000_000), default=1000, show_default=True)
+def bench_sink(batches: int, batch_readings: int, horizon: int, sensors: int) -> None:
+    """Rows per second into a fresh chDB store in worker-sized batches."""
+    from sinks.bench import run
+
+    result = run(batches, batch_readings, horizon, sensors)
+    click.echo(
+        f"{result.batches} batches of {batch_readings} readings + "
+        f"{batch_readings * horizon} prediction rows, {sensors} sensors"
+    )
+    click.echo(
+        f"rows/s: {result.rows_per_second:,.0f}  (readings/s with their predictions: "
+        f"{result.readings / result.seconds:,.0f})"
+    )
+    click.echo(
+        f"flush per batch: p50 {result.flush_p50 * 1000:.0f} ms, "
+        f"p99 {result.flush_p99 * 1000:.0f} ms"
+    )
+    click.echo(_machine())
+    click.echo(
+        f"command: forecast bench sink --batches {batches} --batch-readings "
+        f"{batch_readings} --horizon {horizon} --sensors {sensors}"
+    )
+
+
+def _machine() -> str:
+    import torch
+
+    return (
+        f"machine: {platform.machine()}, {os.cpu_count()} cpus, python "
+        f"{platform.python_version()}, torch {torch.__version__}, "
+        f"{'cuda' if torch.cuda.is_available() else 'cpu'}"
+    )

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from importlib import resources
 from typing import TypeVar
 
@@ -22,7 +23,9 @@ from forecast.errors import AuthError, ForecastError, QueryError, StoreError
 from gateway.auth import Authenticator, Principal, bearer
 from gateway.hub import Hub
 from sinks.clickhouse import Store
+from sinks.export import MEDIA_TYPES, ExportRequest, export
 from sinks.query import run_readonly
+from streams.validate import Invalid, parse_time
 
 MAX_QUERY_ROWS = 10_000
 T = TypeVar("T")
@@ -96,6 +99,23 @@ def create_app(ctx: ApiContext) -> Starlette:
         result = await asyncio.to_thread(run_readonly, store, body["sql"], max_rows)
         return Response(orjson.dumps(result.to_json(), default=str), media_type="application/json")
 
+    async def export_endpoint(request: Request) -> Response:
+        principal(request, "analyst")
+        store = _need(ctx.store, "the store")
+        params = request.query_params
+        try:
+            wanted = ExportRequest(
+                what=params.get("what", "predictions"),
+                sensors=params.get("sensors", "*"),
+                start=_time(params.get("from")),
+                stop=_time(params.get("to")),
+                fmt=params.get("format", "csv"),
+            )
+        except ValueError as exc:
+            return error(400, "bad_request", str(exc))
+        body = await asyncio.to_thread(export, store, wanted)
+        return Response(body, media_type=MEDIA_TYPES[wanted.fmt])
+
     async def on_forecast_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ForecastError)
         if isinstance(exc, AuthError):
@@ -119,6 +139,7 @@ def create_app(ctx: ApiContext) -> Starlette:
             Route("/v1/sensors", sensors),
             Route("/v1/sensors/{sensor_id}/forecast", latest),
             Route("/v1/query", query, methods=["POST"]),
+            Route("/v1/export", export_endpoint),
         ],
         exception_handlers={ForecastError: on_forecast_error, HTTPException: on_http_error},
     )
@@ -128,6 +149,16 @@ def _need(part: T | None, what: str) -> T:
     if part is None:
         raise StoreError(f"{what} is not served by this process")
     return part
+
+
+def _time(text: str | None) -> datetime | None:
+    """An RFC 3339 time (UTC when it names no offset), or None."""
+    if not text:
+        return None
+    try:
+        return datetime.fromtimestamp(parse_time(text), UTC)
+    except Invalid as exc:
+        raise ValueError(f"bad time {text!r}: {exc.detail}") from None
 
 
 class HttpServer:

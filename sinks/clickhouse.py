@@ -7,10 +7,11 @@ process's HTTP API (see :mod:`sinks.owner`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -44,9 +45,10 @@ READ_SETTINGS = {"final": 1}
 class Store:
     """A thread-safe ClickHouse client with the engine's tables."""
 
-    def __init__(self, client: object, *, embedded: bool) -> None:
+    def __init__(self, client: object, *, embedded: bool, dsn: str = "") -> None:
         self.client = client
         self.embedded = embedded
+        self.dsn = dsn
         self._lock = threading.Lock()  # chDB sessions are not re-entrant
 
     @classmethod
@@ -61,12 +63,26 @@ class Store:
             else:
                 path = Path(settings.data_dir, "clickhouse").resolve()
                 path.mkdir(parents=True, exist_ok=True)
-                client = clickhouse_connect.get_client(dsn=f"chdb://{path}")
-                store = cls(client, embedded=True)
+                dsn = f"chdb://{path}"
+                store = cls(clickhouse_connect.get_client(dsn=dsn), embedded=True, dsn=dsn)
         except Exception as exc:  # the driver raises several unrelated types
             raise StoreError(f"cannot open ClickHouse: {exc}") from exc
         store.migrate(settings.retention_days)
         return store
+
+    @contextlib.contextmanager
+    def analyst_session(self) -> Iterator[Store]:
+        """A session of its own for an analyst query. chDB keeps settings per session and
+        restores them one by one, so ``readonly`` could otherwise outlive the query and
+        lock the sink out; a server takes settings per request and needs none."""
+        if not self.embedded:
+            yield self
+            return
+        session = Store(clickhouse_connect.get_client(dsn=self.dsn), embedded=True, dsn=self.dsn)
+        try:
+            yield session
+        finally:
+            session.close()
 
     def close(self) -> None:
         with self._lock:
@@ -93,6 +109,7 @@ class Store:
                 "schema_migrations",
                 [(version, description, datetime.now(UTC))],
                 ["version", "description", "applied_at"],
+                column_oriented=False,
             )
             log.info("applied migration %s: %s", version, description)
         return version
@@ -105,20 +122,31 @@ class Store:
         """Store one processed batch; ``token`` makes an identical retry a no-op."""
         now = datetime.now(UTC)
         if readings:
-            self.insert("readings", reading_rows(readings, now), READING_COLUMNS, token)
+            self.insert("readings", reading_columns(readings, now), READING_COLUMNS, token)
         if predictions:
-            self.insert("predictions", prediction_rows(predictions), PREDICTION_COLUMNS, token)
+            self.insert("predictions", prediction_columns(predictions), PREDICTION_COLUMNS, token)
 
     def insert(
-        self, table: str, rows: Sequence[Sequence], columns: list[str], token: str | None = None
+        self,
+        table: str,
+        data: Sequence[Sequence],
+        columns: list[str],
+        token: str | None = None,
+        *,
+        column_oriented: bool = True,
     ) -> None:
+        """Insert ``data`` (a list per column, or rows) in one block; ``token`` dedups."""
         settings = {}
         if token is not None:
             settings["insert_deduplication_token"] = f"{table}:{token}"
         with self._lock:
             try:
                 self.client.insert(
-                    f"{DATABASE}.{table}", rows, column_names=columns, settings=settings
+                    f"{DATABASE}.{table}",
+                    data,
+                    column_names=columns,
+                    settings=settings,
+                    column_oriented=column_oriented,
                 )
             except ClickHouseError as exc:
                 raise StoreError(f"insert into {table} failed: {exc}") from exc
@@ -140,6 +168,16 @@ class Store:
                 raise StoreError(str(exc).strip()) from exc
         return list(result.column_names), [tuple(row) for row in result.result_rows]
 
+    def raw(self, sql: str, parameters: dict, fmt: str, settings: dict) -> bytes:
+        """A query's result in one of ClickHouse's own output formats."""
+        with self._lock:
+            try:
+                return self.client.raw_query(sql, parameters=parameters, settings=settings, fmt=fmt)
+            except DatabaseError as exc:
+                raise QueryError(str(exc).strip()) from exc
+            except ClickHouseError as exc:
+                raise StoreError(str(exc).strip()) from exc
+
     def command(self, sql: str) -> None:
         with self._lock:
             try:
@@ -154,20 +192,34 @@ class Store:
             return False
 
 
-def reading_rows(readings: Iterable[Reading], now: datetime) -> list[tuple]:
-    return [(r.sensor_id, _dt(r.ts), r.value, r.covariates, now) for r in readings]
+def reading_columns(readings: Sequence[Reading], now: datetime) -> list[list]:
+    return [
+        [r.sensor_id for r in readings],
+        [_dt(r.ts) for r in readings],
+        [r.value for r in readings],
+        [r.covariates for r in readings],
+        [now] * len(readings),
+    ]
 
 
-def prediction_rows(predictions: Iterable[Prediction]) -> list[tuple]:
-    rows = []
+def prediction_columns(predictions: Iterable[Prediction]) -> list[list]:
+    """One row per horizon step, as columns."""
+    columns: list[list] = [[] for _ in PREDICTION_COLUMNS]
+    (sensor, ts, target, horizon, yhat, lower, upper, model, version, issued, seq) = columns
     for p in predictions:
-        ts, issued = _dt(p.ts), _dt(p.issued_at)
-        for h, (y, lo, hi) in enumerate(zip(p.yhat, p.lower, p.upper, strict=True), start=1):
-            target = _dt(p.ts + h * p.step_seconds)
-            rows.append(
-                (p.sensor_id, ts, target, h, y, lo, hi, p.model, p.model_version, issued, p.seq)
-            )
-    return rows
+        steps = len(p.yhat)
+        sensor += [p.sensor_id] * steps
+        ts += [_dt(p.ts)] * steps
+        target += [_dt(p.ts + h * p.step_seconds) for h in range(1, steps + 1)]
+        horizon += range(1, steps + 1)
+        yhat += p.yhat
+        lower += p.lower
+        upper += p.upper
+        model += [p.model] * steps
+        version += [p.model_version] * steps
+        issued += [_dt(p.issued_at)] * steps
+        seq += [p.seq] * steps
+    return columns
 
 
 def batch_token(parts: Iterable[tuple[str, int, int]]) -> str:

@@ -46,18 +46,24 @@ def check_readonly(sql: str) -> str:
     return statement
 
 
+def readonly_settings(**limits: object) -> dict:
+    """The limits, then ``readonly = 1`` last (chDB applies settings one by one, and once
+    read-only nothing else may be set). It also refuses SETTINGS in the query itself."""
+    return {**limits, "readonly": 1}
+
+
 def run_readonly(
     store: Store, sql: str, max_rows: int = 10_000, timeout: float = 30.0
 ) -> QueryResult:
     """Run an analyst query with ClickHouse's readonly mode and row/time limits."""
     statement = check_readonly(sql)
-    columns, rows = store.query_with_columns(
-        statement,
-        {
-            "readonly": 1,  # also refuses SETTINGS in the query that would lift limits
-            "max_execution_time": timeout,
-            "max_result_rows": max_rows + 1,
-            "result_overflow_mode": "break",
-        },
-    )
+    with store.analyst_session() as session:
+        columns, rows = session.query_with_columns(
+            statement,
+            readonly_settings(
+                max_execution_time=timeout,
+                max_result_rows=max_rows + 1,
+                result_overflow_mode="break",
+            ),
+        )
     return QueryResult(columns, rows[:max_rows], len(rows) > max_rows)

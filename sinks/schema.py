@@ -81,4 +81,26 @@ def migrations(retention_days: int) -> list[tuple[int, str, list[str]]]:
                     ON p.sensor_id = r.sensor_id AND p.target_ts = r.ts""",
             ],
         ),
+        (
+            3,
+            "model_leaderboard (parameterised by a time range) and drift_timeline views",
+            [
+                f"""CREATE VIEW IF NOT EXISTS {DATABASE}.model_leaderboard AS
+                SELECT model, model_version, count() AS steps,
+                       uniqExact(sensor_id) AS sensors,
+                       avg(abs(error)) AS mae, avg(error * error) AS mse,
+                       avg(covered) AS coverage
+                FROM {DATABASE}.forecast_errors
+                WHERE target_ts >= {{start:DateTime64(3, 'UTC')}}
+                  AND target_ts < {{stop:DateTime64(3, 'UTC')}}
+                GROUP BY model, model_version
+                ORDER BY mse""",
+                f"""CREATE VIEW IF NOT EXISTS {DATABASE}.drift_timeline AS
+                SELECT toStartOfHour(ts) AS hour, sensor_id, detector, signal, model,
+                       model_version, count() AS events, any(detail) AS example
+                FROM {DATABASE}.drift_events FINAL
+                GROUP BY hour, sensor_id, detector, signal, model, model_version
+                ORDER BY hour, sensor_id""",
+            ],
+        ),
     ]

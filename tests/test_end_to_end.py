@@ -115,3 +115,38 @@ async def test_websocket_rejects_missing_credentials_and_bad_messages(system: Sy
         frame = await ws.recv()
         assert isinstance(frame, str)  # JSON goes in text frames (browsers need them)
         assert orjson.loads(frame) == {"type": "pong", "id": 7}
+
+
+async def test_export_goes_through_the_running_engine(system: System, tmp_path) -> None:
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "errors.parquet"
+    result = await asyncio.to_thread(
+        system.cli,
+        "export",
+        "--what",
+        "errors",
+        "--sensors",
+        "ETTh1.O?",
+        "--from",
+        "2016-07-02T00:00:00Z",
+        "--to",
+        "2016-07-03T00:00:00Z",
+        "--format",
+        "parquet",
+        "-o",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    table = pq.read_table(out)
+    assert set(table.column("sensor_id").to_pylist()) == {"ETTh1.OT"}
+    assert table.num_rows > 0 and "actual" in table.column_names
+    csv = await asyncio.to_thread(
+        system.cli, "export", "--sensors", "ETTh1.HUFL", "--to", "2016-07-01T03:00:00Z"
+    )
+    lines = csv.stdout.splitlines()
+    assert lines[0].startswith('"sensor_id","ts","target_ts","horizon"')
+    assert len(lines) == 1 + 2 * 24  # readings at 01:00 and 02:00 were forecast
+    async with httpx.AsyncClient(base_url=system.http) as client:
+        viewer = {"Authorization": f"Bearer {system.viewer_token}"}
+        assert (await client.get("/v1/export", headers=viewer)).status_code == 403

@@ -12,7 +12,7 @@ from forecast.settings import load_settings
 from gateway.auth import Principal
 from gateway.hub import Hub, Subscriber
 from models.baseline import SeasonalNaive
-from sinks.clickhouse import batch_token, prediction_rows
+from sinks.clickhouse import batch_token, prediction_columns
 from sinks.query import check_readonly
 from streams.pipeline import BatchProcessor, ModelSet, RawRecord
 from streams.state import SensorState
@@ -96,9 +96,13 @@ def test_late_and_out_of_order_readings() -> None:
 
 def test_prediction_rows_are_one_per_step_with_target_times() -> None:
     result = processor({}).process([record(0, "s", 1e9), record(1, "s", 1e9 + 3600)])
-    rows = prediction_rows(result.predictions)
-    assert [row[3] for row in rows] == [1, 2, 3]
-    assert [(row[2] - row[1]).total_seconds() for row in rows] == [3600, 7200, 10800]
+    columns = prediction_columns(result.predictions)
+    assert columns[3] == [1, 2, 3]
+    assert [(t - s).total_seconds() for s, t in zip(columns[1], columns[2], strict=True)] == [
+        3600,
+        7200,
+        10800,
+    ]
 
 
 def test_batch_token_is_deterministic() -> None:
