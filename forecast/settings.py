@@ -33,7 +33,6 @@ class Settings(BaseSettings):
     # ClickHouse
     clickhouse_url: SecretStr | None = Field(None, description="http://user:pass@host:8123/db")
     retention_days: int = Field(365, ge=1, le=36500)
-    sink_max_rows: int = Field(50_000, ge=1)
 
     # Servers
     http_host: str = "127.0.0.1"
