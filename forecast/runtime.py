@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,7 @@ from forecast.errors import ForecastError
 from forecast.settings import Settings
 from gateway.auth import Authenticator, KeyStore
 from gateway.feed import Feed
+from gateway.history import missed
 from gateway.http import ApiContext, HttpServer, create_app
 from gateway.hub import Hub
 from gateway.ws import StreamServer
@@ -96,8 +98,9 @@ async def run(
             feed = Feed(settings, bootstrap, hub)
             await feed.start()
             stack.push_async_callback(feed.stop)
+            history = None if ctx.store is None else functools.partial(missed, ctx.store)
             stream = StreamServer(
-                hub, auth, settings.http_host, settings.ws_port, settings.ws_queue_size
+                hub, auth, settings.http_host, settings.ws_port, settings.ws_queue_size, history
             )
             await stream.start()
             stack.push_async_callback(stream.stop)

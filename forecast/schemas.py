@@ -30,6 +30,7 @@ class Prediction:
     lower: list[float]
     upper: list[float]
     seq: int
+    stage: str = "production"  # or "shadow": stored, never published
 
     def to_message(self) -> dict[str, object]:
         """The JSON object published on `predictions` and pushed to websocket clients."""

@@ -16,6 +16,8 @@ from gateway.hub import Hub
 
 log = logging.getLogger(__name__)
 
+ROUTE_CHUNK = 100  # messages routed between yields to the event loop
+
 
 class Feed:
     """Pushes live predictions and drift events from Kafka into the hub."""
@@ -62,8 +64,10 @@ class Feed:
                 await asyncio.sleep(1.0)
                 continue
             for tp, records in batches.items():
-                for record in records:
-                    self._route(tp.topic, record.value)
+                for start in range(0, len(records), ROUTE_CHUNK):
+                    for record in records[start : start + ROUTE_CHUNK]:
+                        self._route(tp.topic, record.value)
+                    await asyncio.sleep(0)  # let the subscribers' senders drain
 
     def _route(self, topic: str, value: bytes | None) -> None:
         try:

@@ -107,6 +107,24 @@ class Hub:
                     replayed += 1
         return replayed
 
+    def gaps(
+        self, subscriber: Subscriber, patterns: set[str], since_seq: dict[str, int]
+    ) -> dict[str, tuple[int, int | None]]:
+        """Per sensor, the seq range after ``since_seq`` that memory no longer holds:
+        (after, before) where ``before`` is the oldest seq kept (None: nothing kept)."""
+        probe = Subscriber(subscriber.principal, 1)
+        probe.set_patterns(subscriber.patterns | patterns)
+        out = {}
+        for sensor_id, seq in since_seq.items():
+            if not probe.matches(sensor_id):
+                continue
+            buffer = self.recent.get(sensor_id)
+            if not buffer:
+                out[sensor_id] = (seq, None)
+            elif buffer[0][0] > seq + 1:
+                out[sensor_id] = (seq, buffer[0][0])
+        return out
+
     def unsubscribe(self, subscriber: Subscriber, patterns: set[str]) -> None:
         subscriber.set_patterns(subscriber.patterns - patterns)
 

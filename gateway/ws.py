@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+from collections.abc import Callable
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
@@ -20,7 +22,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from forecast import metrics
-from forecast.errors import AuthError
+from forecast.errors import AuthError, ForecastError
 from gateway.auth import Authenticator, Principal, bearer
 from gateway.hub import Hub, Subscriber
 
@@ -31,15 +33,26 @@ MAX_FRAME = 64 * 1024
 MAX_PATTERNS_PER_MESSAGE = 100
 MAX_PATTERNS = 1000
 CLOSE_SLOW = 1013
+EVICT_TIMEOUT = 5.0
+SEND_BUFFER = 256 * 1024
+
+History = Callable[[dict[str, tuple[int, int | None]]], list[tuple[str, int, bytes]]]
 
 
 class StreamServer:
     """``async with StreamServer(hub, auth, host, port):`` serves until the block ends."""
 
     def __init__(
-        self, hub: Hub, auth: Authenticator, host: str, port: int, queue_size: int = 1000
+        self,
+        hub: Hub,
+        auth: Authenticator,
+        host: str,
+        port: int,
+        queue_size: int = 1000,
+        history: History | None = None,
     ) -> None:
         self.hub = hub
+        self.history = history
         self.auth = auth
         self.host = host
         self.requested_port = port
@@ -79,6 +92,11 @@ class StreamServer:
         await self.stop()
 
     def _check_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        # Bound what the kernel buffers for a client; past it, the per-connection queue
+        # (and so the overflow policy) holds what a slow client has not read.
+        sock = connection.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         url = urlsplit(request.path)
         if url.path != PATH:
             return connection.respond(HTTPStatus.NOT_FOUND, f"websocket endpoint is {PATH}\n")
@@ -97,7 +115,7 @@ class StreamServer:
         sender = asyncio.create_task(self._send_loop(connection, subscriber))
         try:
             async for frame in connection:
-                reply = self._on_message(subscriber, frame)
+                reply = await self._on_message(subscriber, frame)
                 if reply is not None and not subscriber.push(orjson.dumps(reply)):
                     break
         except ConnectionClosed:
@@ -110,28 +128,35 @@ class StreamServer:
             metrics.WS_CONNECTIONS.dec()
 
     async def _send_loop(self, connection: ServerConnection, subscriber: Subscriber) -> None:
+        sending = asyncio.create_task(self._drain(connection, subscriber))
         overflow = asyncio.create_task(subscriber.overflowed.wait())
         try:
+            await asyncio.wait({sending, overflow}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sending.cancel()
+            overflow.cancel()
+        if subscriber.overflowed.is_set():
+            await self._evict(connection)
+
+    async def _drain(self, connection: ServerConnection, subscriber: Subscriber) -> None:
+        with contextlib.suppress(ConnectionClosed):
             while True:
-                getter = asyncio.create_task(subscriber.queue.get())
-                done, _ = await asyncio.wait({getter, overflow}, return_when="FIRST_COMPLETED")
-                if overflow in done:
-                    getter.cancel()
-                    overflowed = _error(
-                        "slow_consumer", "queue overflowed; reconnect with since_seq to resume"
-                    )
-                    await connection.send(orjson.dumps(overflowed), text=True)
-                    await connection.close(CLOSE_SLOW, "slow consumer")
-                    return
-                payload = getter.result()
+                payload = await subscriber.queue.get()
                 await connection.send(payload, text=True)
                 metrics.WS_MESSAGES.labels(_kind(payload)).inc()
-        except ConnectionClosed:
-            pass
-        finally:
-            overflow.cancel()
 
-    def _on_message(self, subscriber: Subscriber, frame: str | bytes) -> dict | None:
+    async def _evict(self, connection: ServerConnection) -> None:
+        """Tell a subscriber its queue overflowed and close with 1013; a client that does
+        not even read that is cut off after EVICT_TIMEOUT seconds."""
+        overflowed = _error("slow_consumer", "queue overflowed; reconnect with since_seq")
+        try:
+            async with asyncio.timeout(EVICT_TIMEOUT):
+                await connection.send(orjson.dumps(overflowed), text=True)
+                await connection.close(CLOSE_SLOW, "slow consumer")
+        except (TimeoutError, ConnectionClosed):
+            connection.transport.abort()
+
+    async def _on_message(self, subscriber: Subscriber, frame: str | bytes) -> dict | None:
         try:
             message = orjson.loads(frame)
         except orjson.JSONDecodeError:
@@ -141,34 +166,52 @@ class StreamServer:
         op = message.get("op")
         if op == "ping":
             return {"type": "pong", "id": message.get("id")}
-        if op in ("subscribe", "unsubscribe"):
-            patterns = message.get("sensors")
-            if (
-                not isinstance(patterns, list)
-                or not patterns
-                or not all(isinstance(p, str) and 0 < len(p) <= 200 for p in patterns)
-            ):
-                return _error("bad_request", "sensors must be a non-empty list of patterns")
-            if len(patterns) > MAX_PATTERNS_PER_MESSAGE:
-                return _error("too_many_patterns", f"at most {MAX_PATTERNS_PER_MESSAGE} a message")
-            if op == "unsubscribe":
-                self.hub.unsubscribe(subscriber, set(patterns))
-                return {"type": "unsubscribed", "sensors": patterns}
-            if len(subscriber.patterns | set(patterns)) > MAX_PATTERNS:
-                return _error("too_many_patterns", f"at most {MAX_PATTERNS} per connection")
-            since = message.get("since_seq") or {}
-            if not isinstance(since, dict) or not all(
-                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
-                for k, v in since.items()
-            ):
-                return _error("bad_request", "since_seq must map sensor ids to integers")
-            ack = {"type": "subscribed", "sensors": sorted(subscriber.patterns | set(patterns))}
-            # The acknowledgement goes first, then the replay, then live messages.
-            if not subscriber.push(orjson.dumps(ack)):
-                return None
-            self.hub.subscribe(subscriber, set(patterns), since)
-            return None
-        return _error("unknown_op", f"unknown op {op!r}; use subscribe, unsubscribe or ping")
+        if op not in ("subscribe", "unsubscribe"):
+            return _error("unknown_op", f"unknown op {op!r}; use subscribe, unsubscribe or ping")
+        patterns = message.get("sensors")
+        if (
+            not isinstance(patterns, list)
+            or not patterns
+            or not all(isinstance(p, str) and 0 < len(p) <= 200 for p in patterns)
+        ):
+            return _error("bad_request", "sensors must be a non-empty list of patterns")
+        if len(patterns) > MAX_PATTERNS_PER_MESSAGE:
+            return _error("too_many_patterns", f"at most {MAX_PATTERNS_PER_MESSAGE} a message")
+        if op == "unsubscribe":
+            self.hub.unsubscribe(subscriber, set(patterns))
+            return {"type": "unsubscribed", "sensors": patterns}
+        if len(subscriber.patterns | set(patterns)) > MAX_PATTERNS:
+            return _error("too_many_patterns", f"at most {MAX_PATTERNS} per connection")
+        since = message.get("since_seq") or {}
+        if not isinstance(since, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            for k, v in since.items()
+        ):
+            return _error("bad_request", "since_seq must map sensor ids to integers >= 0")
+        await self._subscribe(subscriber, set(patterns), since)
+        return None
+
+    async def _subscribe(
+        self, subscriber: Subscriber, patterns: set[str], since: dict[str, int]
+    ) -> None:
+        """Acknowledge, then what was missed (store, then memory), then live: in order,
+        with no gap and no duplicate (delivery is by per-sensor seq)."""
+        missed: list[tuple[str, int, bytes]] = []
+        gaps = self.hub.gaps(subscriber, patterns, since)
+        if gaps and self.history is not None:
+            try:
+                missed = await asyncio.to_thread(self.history, gaps)
+            except ForecastError as exc:
+                log.warning("resume from the store failed: %s", exc)
+                subscriber.push(orjson.dumps(_error("resume_incomplete", exc.message)))
+        ack = {"type": "subscribed", "sensors": sorted(subscriber.patterns | patterns)}
+        if not subscriber.push(orjson.dumps(ack)):
+            return
+        for sensor_id, seq in since.items():
+            subscriber.last_seq.setdefault(sensor_id, seq)
+        for sensor_id, seq, payload in missed:
+            subscriber.offer(sensor_id, seq, payload)
+        self.hub.subscribe(subscriber, patterns, since)
 
 
 def _error(code: str, message: str) -> dict:

@@ -38,6 +38,7 @@ PREDICTION_COLUMNS = [
     "model_version",
     "issued_at",
     "seq",
+    "stage",
 ]
 READ_SETTINGS = {"final": 1}
 
@@ -153,15 +154,20 @@ class Store:
 
     # -- reads --------------------------------------------------------------------------
 
-    def query(self, sql: str, settings: dict | None = None) -> list[tuple]:
-        return self.query_with_columns(sql, settings)[1]
+    def query(
+        self, sql: str, parameters: dict | None = None, settings: dict | None = None
+    ) -> list[tuple]:
+        """Rows of a query; ``parameters`` bind its ``{name:Type}`` placeholders."""
+        return self.query_with_columns(sql, settings, parameters)[1]
 
     def query_with_columns(
-        self, sql: str, settings: dict | None = None
+        self, sql: str, settings: dict | None = None, parameters: dict | None = None
     ) -> tuple[list[str], list[tuple]]:
         with self._lock:
             try:
-                result = self.client.query(sql, settings={**READ_SETTINGS, **(settings or {})})
+                result = self.client.query(
+                    sql, parameters=parameters, settings={**READ_SETTINGS, **(settings or {})}
+                )
             except DatabaseError as exc:  # ClickHouse answered, refusing the query
                 raise QueryError(str(exc).strip()) from exc
             except ClickHouseError as exc:
@@ -205,7 +211,7 @@ def reading_columns(readings: Sequence[Reading], now: datetime) -> list[list]:
 def prediction_columns(predictions: Iterable[Prediction]) -> list[list]:
     """One row per horizon step, as columns."""
     columns: list[list] = [[] for _ in PREDICTION_COLUMNS]
-    (sensor, ts, target, horizon, yhat, lower, upper, model, version, issued, seq) = columns
+    (sensor, ts, target, horizon, yhat, lower, upper, model, version, issued, seq, stage) = columns
     for p in predictions:
         steps = len(p.yhat)
         sensor += [p.sensor_id] * steps
@@ -219,6 +225,7 @@ def prediction_columns(predictions: Iterable[Prediction]) -> list[list]:
         version += [p.model_version] * steps
         issued += [_dt(p.issued_at)] * steps
         seq += [p.seq] * steps
+        stage += [p.stage] * steps
     return columns
 
 

@@ -103,4 +103,12 @@ def migrations(retention_days: int) -> list[tuple[int, str, list[str]]]:
                 ORDER BY hour, sensor_id""",
             ],
         ),
+        (
+            4,
+            "predictions.stage: production (published) or shadow (stored only)",
+            [
+                f"""ALTER TABLE {DATABASE}.predictions
+                ADD COLUMN IF NOT EXISTS stage LowCardinality(String) DEFAULT 'production'""",
+            ],
+        ),
     ]

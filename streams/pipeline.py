@@ -154,6 +154,7 @@ class BatchProcessor:
                         step,
                         *shadow[i],
                         state.seq,
+                        "shadow",
                     )
                 )
 

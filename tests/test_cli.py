@@ -72,7 +72,9 @@ def test_query_opens_the_embedded_store_when_nothing_runs(tmp_path: Path) -> Non
     assert result.returncode == 0, result.stderr
     assert [r["name"] for r in json.loads(result.stdout)] == [
         "drift_events",
+        "drift_timeline",
         "forecast_errors",
+        "model_leaderboard",
         "predictions",
         "readings",
         "schema_migrations",

@@ -40,7 +40,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
 
 
 def count(store: Store, sql: str, final: bool = True) -> int:
-    return store.query(sql, {"final": int(final)})[0][0]
+    return store.query(sql, settings={"final": int(final)})[0][0]
 
 
 def batch(sensor: str, n: int) -> tuple[list[Reading], list[Prediction]]:
@@ -77,12 +77,12 @@ def test_the_same_batch_twice_is_stored_once(store: Store) -> None:
 
 
 def test_migrations_are_versioned_and_idempotent(store: Store) -> None:
-    assert store.migrate(365) == 3
+    assert store.migrate(365) == 4
     versions = [
         row[0]
         for row in store.query("SELECT version FROM forecast.schema_migrations ORDER BY version")
     ]
-    assert versions == [1, 2, 3]
+    assert versions == [1, 2, 3, 4]
 
 
 def test_analyst_queries_are_read_only_bounded_and_leave_the_sink_writable(store: Store) -> None:
