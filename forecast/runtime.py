@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaProducer
 
 from forecast.errors import ForecastError
 from forecast.settings import Settings
-from gateway.auth import Authenticator, KeyStore
+from gateway.auth import Authenticator, JwtVerifier, KeyStore
 from gateway.feed import Feed
 from gateway.history import missed
 from gateway.http import ApiContext, HttpServer, create_app
@@ -46,6 +46,14 @@ def key_store(settings: Settings) -> KeyStore:
     return KeyStore(settings.data_dir / "keys.db")
 
 
+def jwt_verifier(settings: Settings) -> JwtVerifier | None:
+    if settings.jwt_secret is not None:
+        return JwtVerifier("HS256", settings.jwt_secret.get_secret_value())
+    if settings.jwt_public_key is not None:
+        return JwtVerifier("RS256", settings.jwt_public_key)
+    return None
+
+
 async def run(
     settings: Settings,
     parts: Parts,
@@ -69,7 +77,9 @@ async def run(
             announce(f"kafka:     {bootstrap}")
         await ensure_topics(bootstrap, settings)
 
-        auth = Authenticator(key_store(settings), enabled=settings.auth)
+        auth = Authenticator(
+            key_store(settings), enabled=settings.auth, jwt_verifier=jwt_verifier(settings)
+        )
         ctx = ApiContext(auth=auth)
         ctx.checks["broker"] = lambda: _broker_answers(bootstrap)
         if parts.worker or settings.clickhouse_url is not None:

@@ -10,7 +10,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from forecast.errors import ConfigError
@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     ws_port: int = Field(8765, ge=0, le=65535)
     data_dir: Path = Path("./var")
     auth: bool = Field(True, description="false only for local use")
+    jwt_secret: SecretStr | None = Field(None, description="HS256 secret for JWTs")
+    jwt_public_key: str | None = Field(None, description="RS256 public key (PEM) for JWTs")
     ws_queue_size: int = Field(1000, ge=1)
     replay_buffer: int = Field(1000, ge=0, description="predictions kept per sensor for resume")
 
@@ -84,6 +86,12 @@ class Settings(BaseSettings):
             raise ValueError("expected http(s)://user:pass@host:8123/database")
         return value
 
+    @model_validator(mode="after")
+    def _one_jwt_key(self) -> Settings:
+        if self.jwt_secret is not None and self.jwt_public_key is not None:
+            raise ValueError("set FORECAST_JWT_SECRET or FORECAST_JWT_PUBLIC_KEY, not both")
+        return self
+
     def topic(self, name: str) -> str:
         """The full name of one of the engine's topics, with the configured prefix."""
         return f"{self.topic_prefix}{name}"
@@ -116,7 +124,10 @@ def load_settings(**overrides: object) -> Settings:
 def _describe(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors():
-        field = str(error["loc"][0]) if error["loc"] else "?"
+        if not error["loc"]:  # a rule across variables: its input is every value
+            problems.append(error["msg"].removeprefix("Value error, "))
+            continue
+        field = str(error["loc"][0])
         shown = "***" if field in SECRET_FIELDS else repr(error.get("input"))
         problems.append(f"{ENV_PREFIX}{field.upper()}={shown}: {error['msg']}")
     return "invalid configuration: " + "; ".join(problems)

@@ -1,7 +1,12 @@
-"""Credentials: API keys (stored hashed in SQLite, shown once), roles and sensor scopes.
+"""Credentials: API keys (stored hashed in SQLite, shown once) or JWTs; roles and scopes.
 
 A key reads ``fk_<id>_<secret>``; only SHA-256 of the secret is stored (keys are random
 and long, so a slow password hash would add nothing) and compared in constant time.
+
+A JWT is verified with the one configured algorithm (HS256 with a secret, or RS256 with
+a public key), so ``alg: none`` and any other algorithm are refused; ``exp`` is required.
+Claims: ``sub``, ``role`` (viewer, analyst, operator, admin) and optional ``scopes``
+(sensor patterns, default all).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
+
+import jwt
 
 from forecast.errors import AuthError
 
@@ -113,12 +120,49 @@ class KeyStore:
         return Principal(key_id, row[0], tuple(row[1].split(",")))
 
 
+class JwtVerifier:
+    """Verifies bearer JWTs with exactly one algorithm and key."""
+
+    def __init__(self, algorithm: str, key: str, leeway: float = 30.0) -> None:
+        if algorithm not in ("HS256", "RS256"):
+            raise AuthError(f"unsupported JWT algorithm {algorithm!r}", code="bad_config")
+        self.algorithm = algorithm
+        self.key = key
+        self.leeway = leeway
+
+    def verify(self, token: str) -> Principal:
+        try:
+            claims = jwt.decode(
+                token,
+                self.key,
+                algorithms=[self.algorithm],
+                leeway=self.leeway,
+                options={"require": ["exp", "sub"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("token expired") from None
+        except jwt.InvalidTokenError as exc:
+            raise AuthError(f"invalid token: {exc}") from None
+        role = claims.get("role", "viewer")
+        scopes = claims.get("scopes", ["*"])
+        if (
+            role not in ROLES
+            or not isinstance(scopes, list)
+            or not all(isinstance(p, str) for p in scopes)
+        ):
+            raise AuthError("invalid token: bad role or scopes claim")
+        return Principal(f"jwt:{claims['sub']}", role, tuple(scopes) or ("*",))
+
+
 class Authenticator:
     """Turns a bearer token into a Principal; ``enabled=False`` lets everyone in as admin."""
 
-    def __init__(self, keys: KeyStore, *, enabled: bool = True) -> None:
+    def __init__(
+        self, keys: KeyStore, *, enabled: bool = True, jwt_verifier: JwtVerifier | None = None
+    ) -> None:
         self.keys = keys
         self.enabled = enabled
+        self.jwt = jwt_verifier
         self._process_tokens: dict[str, Principal] = {}
 
     def issue_process_token(self, role: str) -> str:
@@ -135,6 +179,10 @@ class Authenticator:
         for known, principal in self._process_tokens.items():
             if hmac.compare_digest(known.encode(), token.encode()):
                 return principal
+        if token.count(".") == 2:
+            if self.jwt is None:
+                raise AuthError("JWTs are not accepted here (no FORECAST_JWT_* configured)")
+            return self.jwt.verify(token)
         return self.keys.authenticate(token)
 
 
