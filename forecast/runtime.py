@@ -110,11 +110,22 @@ async def run(
             stack.push_async_callback(feed.stop)
             history = None if ctx.store is None else functools.partial(missed, ctx.store)
             stream = StreamServer(
-                hub, auth, settings.http_host, settings.ws_port, settings.ws_queue_size, history
+                hub,
+                auth,
+                settings.http_host,
+                settings.ws_port,
+                settings.ws_queue_size,
+                history,
+                settings.rate_ws_connect,
+                settings.rate_ws_messages,
             )
             await stream.start()
             stack.push_async_callback(stream.stop)
-        http = HttpServer(create_app(ctx), settings.http_host, settings.http_port)
+        http = HttpServer(
+            create_app(ctx, settings.rate_http, settings.cors_origins),
+            settings.http_host,
+            settings.http_port,
+        )
         await http.start()
         stack.push_async_callback(http.stop)
         base = f"http://{settings.http_host}:{http.port}"

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     jwt_secret: SecretStr | None = Field(None, description="HS256 secret for JWTs")
     jwt_public_key: str | None = Field(None, description="RS256 public key (PEM) for JWTs")
     ws_queue_size: int = Field(1000, ge=1)
+    rate_http: str = Field("60/minute,1000/hour", description="per key and per address")
+    rate_ws_connect: str = Field("60/minute", description="connection attempts per address")
+    rate_ws_messages: str = Field("20/second", description="client messages per connection")
+    cors_origins: str = Field("", description="comma-separated origins allowed by CORS")
     replay_buffer: int = Field(1000, ge=0, description="predictions kept per sensor for resume")
 
     # Stream processing
@@ -65,6 +69,14 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("rate_http", "rate_ws_connect", "rate_ws_messages")
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        from gateway.limits import parse_rules
+
+        parse_rules(value)
+        return value
 
     @field_validator("kafka_bootstrap")
     @classmethod

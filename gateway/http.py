@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import math
+import re
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -14,6 +18,10 @@ import orjson
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -22,6 +30,7 @@ from forecast import metrics
 from forecast.errors import AuthError, ForecastError, QueryError, StoreError
 from gateway.auth import Authenticator, Principal, bearer
 from gateway.hub import Hub
+from gateway.limits import RateLimiter
 from sinks.clickhouse import Store
 from sinks.export import MEDIA_TYPES, ExportRequest, export
 from sinks.query import run_readonly
@@ -43,7 +52,21 @@ def error(status: int, code: str, message: str, headers: dict | None = None) -> 
     return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers)
 
 
-def create_app(ctx: ApiContext) -> Starlette:
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": (
+        "default-src 'self'; connect-src 'self' ws: wss:; "
+        "script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'"
+    ),
+}
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def create_app(
+    ctx: ApiContext, rate: str = "60/minute,1000/hour", cors_origins: str = ""
+) -> Starlette:
     def principal(request: Request, role: str = "viewer") -> Principal:
         token = bearer(request.headers.get("authorization"), request.query_params.get("token"))
         who = ctx.auth.authenticate(token)
@@ -130,7 +153,53 @@ def create_app(ctx: ApiContext) -> Starlette:
         assert isinstance(exc, HTTPException)
         return error(exc.status_code, "http_error", str(exc.detail))
 
+    limiter = RateLimiter(rate)
+
+    async def guard(request: Request, call_next: Callable) -> Response:
+        """Request id, rate limit on /v1/ (per key and per address), security headers."""
+        request_id = request.headers.get("x-request-id", "")
+        if not REQUEST_ID.match(request_id):
+            request_id = uuid.uuid4().hex
+        response = None
+        if request.url.path.startswith("/v1/"):
+            token = bearer(request.headers.get("authorization"), request.query_params.get("token"))
+            callers = [f"addr:{request.client.host if request.client else '?'}"]
+            if token:
+                callers.append("key:" + hashlib.sha256(token.encode()).hexdigest()[:24])
+            waits = [w for c in callers if (w := limiter.hit(c)) is not None]
+            if waits:
+                retry = str(max(1, math.ceil(max(waits))))
+                response = error(
+                    429,
+                    "rate_limited",
+                    "too many requests; see Retry-After",
+                    {"Retry-After": retry},
+                )
+        if response is None:
+            response = await call_next(request)
+        response.headers["X-Request-ID"] = request_id
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
+
+    middleware = [
+        Middleware(BaseHTTPMiddleware, dispatch=guard),
+        Middleware(GZipMiddleware, minimum_size=1024),
+    ]
+    origins = [o.strip() for o in cors_origins.split(",") if o.strip()]
+    if origins:
+        middleware.insert(
+            0,
+            Middleware(
+                CORSMiddleware,
+                allow_origins=origins,
+                allow_methods=["GET", "POST", "DELETE"],
+                allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                expose_headers=["X-Request-ID", "Retry-After"],
+            ),
+        )
     return Starlette(
+        middleware=middleware,
         routes=[
             Route("/", dashboard),
             Route("/healthz", healthz),

@@ -25,6 +25,7 @@ from forecast import metrics
 from forecast.errors import AuthError, ForecastError
 from gateway.auth import Authenticator, Principal, bearer
 from gateway.hub import Hub, Subscriber
+from gateway.limits import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ MAX_FRAME = 64 * 1024
 MAX_PATTERNS_PER_MESSAGE = 100
 MAX_PATTERNS = 1000
 CLOSE_SLOW = 1013
+CLOSE_POLICY = 1008
 EVICT_TIMEOUT = 5.0
 SEND_BUFFER = 256 * 1024
 
@@ -50,9 +52,13 @@ class StreamServer:
         port: int,
         queue_size: int = 1000,
         history: History | None = None,
+        connect_rate: str = "60/minute",
+        message_rate: str = "20/second",
     ) -> None:
         self.hub = hub
         self.history = history
+        self.connects = RateLimiter(connect_rate)
+        self.message_rate = message_rate
         self.auth = auth
         self.host = host
         self.requested_port = port
@@ -97,6 +103,12 @@ class StreamServer:
         sock = connection.transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        address = connection.remote_address[0] if connection.remote_address else "?"
+        wait = self.connects.hit(address)
+        if wait is not None:
+            response = connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "too many connections\n")
+            response.headers["Retry-After"] = str(max(1, round(wait)))
+            return response
         url = urlsplit(request.path)
         if url.path != PATH:
             return connection.respond(HTTPStatus.NOT_FOUND, f"websocket endpoint is {PATH}\n")
@@ -113,8 +125,12 @@ class StreamServer:
         subscriber = Subscriber(principal, self.queue_size)
         metrics.WS_CONNECTIONS.inc()
         sender = asyncio.create_task(self._send_loop(connection, subscriber))
+        messages = RateLimiter(self.message_rate)
         try:
             async for frame in connection:
+                if messages.hit("connection") is not None:
+                    await self._close_abusive(connection, subscriber)
+                    break
                 reply = await self._on_message(subscriber, frame)
                 if reply is not None and not subscriber.push(orjson.dumps(reply)):
                     break
@@ -126,6 +142,15 @@ class StreamServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
             metrics.WS_CONNECTIONS.dec()
+
+    async def _close_abusive(self, connection: ServerConnection, subscriber: Subscriber) -> None:
+        """Past the message rate: an error, then close 1008 (policy violation)."""
+        self.hub.remove(subscriber)
+        limited = _error("rate_limited", f"more than {self.message_rate} messages")
+        with contextlib.suppress(ConnectionClosed, TimeoutError):
+            async with asyncio.timeout(EVICT_TIMEOUT):
+                await connection.send(orjson.dumps(limited), text=True)
+                await connection.close(CLOSE_POLICY, "rate limited")
 
     async def _send_loop(self, connection: ServerConnection, subscriber: Subscriber) -> None:
         sending = asyncio.create_task(self._drain(connection, subscriber))

@@ -114,3 +114,20 @@ def test_both_jwt_keys_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(ConfigError) as caught:
         load_settings()
     assert "not both" in str(caught.value) and SECRET not in str(caught.value)
+
+
+def test_rate_limiter_buckets_and_retry_after() -> None:
+    from gateway.limits import RateLimiter, parse_rules
+
+    now = [0.0]
+    limiter = RateLimiter("3/minute, 5/hour", clock=lambda: now[0])
+    assert [limiter.hit("a") for _ in range(3)] == [None, None, None]
+    assert limiter.hit("a") == pytest.approx(20.0)  # one token refills in 60 s / 3
+    assert limiter.hit("b") is None  # callers are independent
+    now[0] = 20.0
+    assert limiter.hit("a") is None
+    now[0] = 100.0
+    assert limiter.hit("a") is None
+    assert limiter.hit("a") == pytest.approx(3600 / 5 * (1 - (100 * 5 / 3600)), rel=1e-3)
+    with pytest.raises(ValueError, match="bad rate"):
+        parse_rules("10/fortnight")

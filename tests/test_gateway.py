@@ -28,6 +28,10 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
         tmp_path_factory.mktemp("gateway"),
         FORECAST_REPLAY_BUFFER="20",
         FORECAST_WS_QUEUE_SIZE="300",
+        FORECAST_RATE_HTTP="12/minute",
+        FORECAST_RATE_WS_CONNECT="12/minute",
+        FORECAST_RATE_WS_MESSAGES="5/second",
+        FORECAST_CORS_ORIGINS="https://app.example",
     )
     yield running
     assert running.stop() == 0
@@ -114,3 +118,54 @@ def dropped(metrics: str) -> float:
         line for line in metrics.splitlines() if line.startswith("forecast_ws_dropped_total ")
     )
     return float(line.split()[1])
+
+
+async def test_http_rate_limit_answers_429_with_retry_after(gateway: System) -> None:
+    viewer = {"Authorization": f"Bearer {gateway.viewer_token}", "X-Request-ID": "req-42"}
+    async with httpx.AsyncClient(base_url=gateway.http) as http:
+        answers = [await http.get("/v1/sensors", headers=viewer) for _ in range(13)]
+        assert answers[0].status_code == 200
+        assert answers[0].headers["x-request-id"] == "req-42"
+        assert answers[0].headers["x-content-type-options"] == "nosniff"
+        limited = answers[-1]
+        assert limited.status_code == 429
+        assert limited.json()["error"]["code"] == "rate_limited"
+        assert int(limited.headers["retry-after"]) >= 1
+        assert (await http.get("/healthz")).status_code == 200  # probes are never limited
+        cors = await http.options(
+            "/v1/sensors",
+            headers={"Origin": "https://app.example", "Access-Control-Request-Method": "GET"},
+        )
+        assert cors.headers["access-control-allow-origin"] == "https://app.example"
+        other = await http.options(
+            "/v1/sensors",
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
+        )
+        assert "access-control-allow-origin" not in other.headers
+
+
+async def test_websocket_message_flood_is_closed_with_1008(gateway: System) -> None:
+    async with connect(f"{gateway.ws}?token={gateway.viewer_token}") as ws:
+        for i in range(10):
+            await ws.send(json.dumps({"op": "ping", "id": i}))
+        replies = []
+        with pytest.raises(ConnectionClosed) as closed:
+            async with asyncio.timeout(10):
+                while True:
+                    replies.append(orjson.loads(await ws.recv()))
+        assert closed.value.rcvd.code == 1008
+        assert replies[-1]["code"] == "rate_limited"
+        assert sum(r["type"] == "pong" for r in replies) == 5
+
+
+async def test_websocket_connection_attempts_are_limited_per_address(gateway: System) -> None:
+    from websockets.exceptions import InvalidStatus
+
+    statuses = []
+    for _ in range(14):
+        try:
+            async with connect(f"{gateway.ws}?token={gateway.viewer_token}"):
+                statuses.append(101)
+        except InvalidStatus as exc:
+            statuses.append(exc.response.status_code)
+    assert 429 in statuses

@@ -1,0 +1,55 @@
+"""Rate limits: token buckets per caller, for rules such as ``60/minute,1000/hour``."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+
+PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+RULE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day)\s*$")
+MAX_CALLERS = 100_000
+
+
+def parse_rules(text: str) -> list[tuple[int, float]]:
+    """``"60/minute,1000/hour"`` to ``[(60, 60.0), (1000, 3600.0)]``; ValueError if bad."""
+    rules = []
+    for part in text.split(","):
+        match = RULE.match(part)
+        if match is None or int(match.group(1)) < 1:
+            raise ValueError(f"bad rate {part.strip()!r}: use N/second|minute|hour|day")
+        rules.append((int(match.group(1)), PERIODS[match.group(2)]))
+    return rules
+
+
+class RateLimiter:
+    """Each rule is a bucket of N tokens refilled over its period; a hit takes one token
+    from every bucket of the caller, or none if any is empty."""
+
+    def __init__(self, rules: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rules = parse_rules(rules)
+        self.clock = clock
+        self._buckets: dict[str, list[tuple[float, float]]] = {}  # caller -> (tokens, at)
+
+    def hit(self, caller: str) -> float | None:
+        """None if allowed; else the seconds until it would be."""
+        now = self.clock()
+        buckets = self._buckets.get(caller)
+        if buckets is None:
+            if len(self._buckets) >= MAX_CALLERS:
+                self._buckets.clear()  # forgetting grants tokens, it never blocks anyone
+            buckets = [(float(n), now) for n, _ in self.rules]
+        refilled = [
+            (min(float(n), tokens + (now - at) * n / period), now)
+            for (n, period), (tokens, at) in zip(self.rules, buckets, strict=True)
+        ]
+        waits = [
+            (1 - tokens) * period / n
+            for (n, period), (tokens, _) in zip(self.rules, refilled, strict=True)
+            if tokens < 1
+        ]
+        if waits:
+            self._buckets[caller] = refilled
+            return max(waits)
+        self._buckets[caller] = [(tokens - 1, at) for tokens, at in refilled]
+        return None
