@@ -80,7 +80,7 @@ async def run(
         auth = Authenticator(
             key_store(settings), enabled=settings.auth, jwt_verifier=jwt_verifier(settings)
         )
-        ctx = ApiContext(auth=auth)
+        ctx = ApiContext(auth=auth, registry=Registry(settings.models_dir))
         ctx.checks["broker"] = lambda: _broker_answers(bootstrap)
         if parts.worker or settings.clickhouse_url is not None:
             store = await asyncio.to_thread(Store.open, settings)

@@ -3,6 +3,8 @@ read back from ClickHouse exactly as they were published."""
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import orjson
 
 from forecast.schemas import Prediction
@@ -52,3 +54,24 @@ def missed(store: Store, gaps: Gaps) -> list[tuple[str, int, bytes]]:
         )
         out.append((sensor, seq, orjson.dumps(prediction.to_message())))
     return out
+
+
+def forecast_history(
+    store: Store, sensor_id: str, start: datetime | None, stop: datetime | None, limit: int
+) -> list[dict]:
+    """Published forecasts of a sensor issued for readings in [start, stop), newest first."""
+    where, params = ["sensor_id = {sensor:String}", "stage = 'production'"], {"sensor": sensor_id}
+    if start is not None:
+        where.append("ts >= {start:DateTime64(3, 'UTC')}")
+        params["start"] = start
+    if stop is not None:
+        where.append("ts < {stop:DateTime64(3, 'UTC')}")
+        params["stop"] = stop
+    sql = f"""
+        SELECT seq FROM {DATABASE}.predictions WHERE {" AND ".join(where)}
+        GROUP BY seq ORDER BY seq DESC LIMIT {int(limit)}"""
+    seqs = [row[0] for row in store.query(sql, params)]
+    if not seqs:
+        return []
+    found = missed(store, {sensor_id: (min(seqs) - 1, max(seqs) + 1)})
+    return [orjson.loads(payload) for _, _, payload in reversed(found)]

@@ -9,7 +9,7 @@ import math
 import re
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
 from typing import TypeVar
@@ -27,10 +27,13 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from forecast import metrics
-from forecast.errors import AuthError, ForecastError, QueryError, StoreError
+from forecast.errors import AuthError, ForecastError, ModelError, QueryError, StoreError
 from gateway.auth import Authenticator, Principal, bearer
+from gateway.history import forecast_history
 from gateway.hub import Hub
 from gateway.limits import RateLimiter
+from gateway.openapi import spec
+from models.registry import Registry
 from sinks.clickhouse import Store
 from sinks.export import MEDIA_TYPES, ExportRequest, export
 from sinks.query import run_readonly
@@ -45,6 +48,7 @@ class ApiContext:
     auth: Authenticator
     hub: Hub | None = None
     store: Store | None = None
+    registry: Registry | None = None
     checks: dict[str, Callable[[], Awaitable[bool]]] = field(default_factory=dict)
 
 
@@ -139,10 +143,98 @@ def create_app(
         body = await asyncio.to_thread(export, store, wanted)
         return Response(body, media_type=MEDIA_TYPES[wanted.fmt])
 
+    async def history(request: Request) -> Response:
+        who = principal(request)
+        sensor_id = request.path_params["sensor_id"]
+        if not who.sees(sensor_id):
+            return error(404, "not_found", f"no forecasts for sensor {sensor_id!r}")
+        store = _need(ctx.store, "the store")
+        try:
+            start, stop = (
+                _time(request.query_params.get("from")),
+                _time(request.query_params.get("to")),
+            )
+            limit = int(request.query_params.get("limit", "1000"))
+        except ValueError as exc:
+            return error(400, "bad_request", str(exc))
+        if not 0 < limit <= 10_000:
+            return error(400, "bad_request", "limit must be 1..10000")
+        found = await asyncio.to_thread(forecast_history, store, sensor_id, start, stop, limit)
+        return Response(
+            orjson.dumps({"sensor_id": sensor_id, "forecasts": found}),
+            media_type="application/json",
+        )
+
+    async def models(request: Request) -> Response:
+        principal(request)
+        registry = _need(ctx.registry, "the model registry")
+        return JSONResponse({"models": await asyncio.to_thread(registry.versions)})
+
+    async def promote(request: Request) -> Response:
+        principal(request, "operator")
+        registry = _need(ctx.registry, "the model registry")
+        stage = request.query_params.get("stage", "production")
+        name = request.path_params["name"]
+        try:
+            version = int(request.path_params["version"])
+        except ValueError:
+            return error(400, "bad_request", "version must be an integer")
+        await asyncio.to_thread(registry.promote, name, version, stage)
+        return JSONResponse({"name": name, "version": version, "stage": stage})
+
+    async def rollback(request: Request) -> Response:
+        principal(request, "operator")
+        registry = _need(ctx.registry, "the model registry")
+        stage = request.query_params.get("stage", "production")
+        ref = await asyncio.to_thread(registry.rollback, stage)
+        return JSONResponse({"name": ref.name, "version": ref.version, "stage": stage})
+
+    async def keys(request: Request) -> Response:
+        principal(request, "admin")
+        if request.method == "GET":
+            listed = await asyncio.to_thread(ctx.auth.keys.list)
+            return JSONResponse({"keys": [asdict(k) for k in listed]})
+        try:
+            body = await request.json()
+        except ValueError:
+            return error(400, "bad_request", "body must be JSON")
+        if not isinstance(body, dict):
+            return error(400, "bad_request", "body must be a JSON object")
+        scopes = body.get("scopes", ["*"])
+        name = body.get("name", "")
+        if (
+            not isinstance(scopes, list)
+            or not all(isinstance(x, str) and x for x in scopes)
+            or not isinstance(name, str)
+        ):
+            return error(400, "bad_request", "scopes must be a list of patterns, name a string")
+        key_id, token = await asyncio.to_thread(
+            ctx.auth.keys.create, body.get("role"), name, scopes or ["*"]
+        )
+        return JSONResponse(
+            {"key_id": key_id, "token": token, "note": "the token is shown only now"}
+        )
+
+    async def revoke(request: Request) -> Response:
+        principal(request, "admin")
+        key_id = request.path_params["key_id"]
+        if not await asyncio.to_thread(ctx.auth.keys.revoke, key_id):
+            return error(404, "not_found", f"no active key {key_id!r}")
+        return JSONResponse({"key_id": key_id, "revoked": True})
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(spec())
+
     async def on_forecast_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ForecastError)
         if isinstance(exc, AuthError):
-            return error(403 if exc.code == "forbidden" else 401, exc.code, exc.message)
+            status = {"forbidden": 403, "bad_request": 400}.get(exc.code, 401)
+            return error(status, exc.code, exc.message)
+        if isinstance(exc, ModelError):
+            status = 404 if exc.message.startswith("no model") else 409
+            if exc.message.startswith("unknown stage"):
+                status = 400
+            return error(status, exc.code, exc.message)
         if isinstance(exc, QueryError):
             return error(400, exc.code, exc.message)
         if isinstance(exc, StoreError):
@@ -209,6 +301,13 @@ def create_app(
             Route("/v1/sensors/{sensor_id}/forecast", latest),
             Route("/v1/query", query, methods=["POST"]),
             Route("/v1/export", export_endpoint),
+            Route("/v1/sensors/{sensor_id}/forecasts", history),
+            Route("/v1/models", models),
+            Route("/v1/models/rollback", rollback, methods=["POST"]),
+            Route("/v1/models/{name}/{version}/promote", promote, methods=["POST"]),
+            Route("/v1/keys", keys, methods=["GET", "POST"]),
+            Route("/v1/keys/{key_id}", revoke, methods=["DELETE"]),
+            Route("/openapi.json", openapi),
         ],
         exception_handlers={ForecastError: on_forecast_error, HTTPException: on_http_error},
     )
