@@ -354,6 +354,40 @@ def bench_sink(batches: int, batch_readings: int, horizon: int, sensors: int) ->
     )
 
 
+@command(bench, "fanout")
+@click.option("--subscribers", type=click.IntRange(1, 100_000), default=1000, show_default=True)
+@click.option("--messages", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0.1),
+    default=20.0,
+    show_default=True,
+    help="Predictions published per second.",
+)
+def bench_fanout(subscribers: int, messages: int, rate: float) -> None:
+    """Latency from a prediction on Kafka to its frame at every websocket subscriber."""
+    import asyncio
+
+    from gateway.fanout_bench import run
+
+    _settings()
+    report = asyncio.run(run(subscribers, messages, rate))
+    click.echo(
+        f"{report['subscribers']} subscribers x {report['messages']} predictions = "
+        f"{report['frames']} frames delivered"
+    )
+    click.echo(
+        f"published -> received: p50 {report['p50'] * 1000:.1f} ms, "
+        f"p99 {report['p99'] * 1000:.1f} ms, max {report['max'] * 1000:.1f} ms "
+        "(budget: p99 < 100 ms)"
+    )
+    click.echo(_machine())
+    click.echo(
+        f"command: forecast bench fanout --subscribers {subscribers} --messages "
+        f"{messages} --rate {rate}"
+    )
+
+
 def _machine() -> str:
     import torch
 
