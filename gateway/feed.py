@@ -16,6 +16,7 @@ from gateway.hub import Hub
 
 log = logging.getLogger(__name__)
 
+FETCH_WAIT_MS = 10
 ROUTE_CHUNK = 100  # messages routed between yields to the event loop
 
 
@@ -27,7 +28,10 @@ class Feed:
         self.predictions = settings.topic("predictions")
         self.drift = settings.topic("drift-events")
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None
+            bootstrap_servers=bootstrap,
+            enable_auto_commit=False,
+            group_id=None,
+            fetch_max_wait_ms=FETCH_WAIT_MS,  # the broker may hold an empty fetch this long
         )
         self._task: asyncio.Task | None = None
         self.ready = asyncio.Event()
