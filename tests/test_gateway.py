@@ -169,3 +169,21 @@ async def test_websocket_connection_attempts_are_limited_per_address(gateway: Sy
         except InvalidStatus as exc:
             statuses.append(exc.response.status_code)
     assert 429 in statuses
+
+
+async def test_sigterm_closes_subscribers_with_1001_and_exits_cleanly(tmp_path) -> None:
+    import signal
+
+    system = start_system(tmp_path / "sigterm")
+    try:
+        async with connect(f"{system.ws}?token={system.viewer_token}") as ws:
+            await ws.send(json.dumps({"op": "subscribe", "sensors": ["*"]}))
+            assert orjson.loads(await ws.recv())["type"] == "subscribed"
+            system.process.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as closed:
+                async with asyncio.timeout(30):
+                    await ws.recv()
+            assert closed.value.rcvd.code == 1001
+        assert await asyncio.to_thread(system.process.wait, 30) == 0
+    finally:
+        system.stop()
