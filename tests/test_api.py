@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -152,7 +152,7 @@ async def test_forecast_history_newest_first(api) -> None:
 
 def test_schemathesis_finds_no_server_error(api, tmp_path: Path) -> None:
     system, admin = api
-    st = shutil.which("st") or str(Path(shutil.which("python") or "").parent / "st")
+    st = str(Path(sys.executable).parent / "st")  # installed beside this interpreter
     result = subprocess.run(
         [
             st,
