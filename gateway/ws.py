@@ -144,12 +144,13 @@ class StreamServer:
             metrics.WS_CONNECTIONS.dec()
 
     async def _close_abusive(self, connection: ServerConnection, subscriber: Subscriber) -> None:
-        """Past the message rate: an error, then close 1008 (policy violation)."""
+        """Past the message rate: an error after what is queued, then close 1008."""
         self.hub.remove(subscriber)
         limited = _error("rate_limited", f"more than {self.message_rate} messages")
+        subscriber.push(orjson.dumps(limited))
         with contextlib.suppress(ConnectionClosed, TimeoutError):
             async with asyncio.timeout(EVICT_TIMEOUT):
-                await connection.send(orjson.dumps(limited), text=True)
+                await subscriber.queue.join()  # the sender delivers what is queued
                 await connection.close(CLOSE_POLICY, "rate limited")
 
     async def _send_loop(self, connection: ServerConnection, subscriber: Subscriber) -> None:
@@ -168,6 +169,7 @@ class StreamServer:
             while True:
                 payload = await subscriber.queue.get()
                 await connection.send(payload, text=True)
+                subscriber.queue.task_done()
                 metrics.WS_MESSAGES.labels(_kind(payload)).inc()
 
     async def _evict(self, connection: ServerConnection) -> None:
