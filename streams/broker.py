@@ -91,6 +91,10 @@ async def wait_until_ready(
                 (await process.stderr.read()).decode(errors="replace") if process.stderr else ""
             )
             raise BrokerError(f"broker exited with {process.returncode}: {output[-500:]}")
+        if not await _accepts(bootstrap):  # no client (and no error log) before it listens
+            last_error = OSError("nothing listens there")
+            await asyncio.sleep(0.05)
+            continue
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
         try:
             await admin.start()
@@ -125,6 +129,18 @@ async def ensure_topics(bootstrap: str, settings: Settings) -> None:
     finally:
         with contextlib.suppress(Exception):
             await admin.close()
+
+
+async def _accepts(bootstrap: str) -> bool:
+    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 2.0)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
 
 
 def free_port() -> int:

@@ -34,6 +34,7 @@ import orjson
 from aiokafka.errors import KafkaError
 from faust.exceptions import ProducerSendError
 from faust.types import EventT
+from yarl import URL
 
 from forecast import metrics
 from forecast.errors import StoreError
@@ -41,6 +42,7 @@ from forecast.settings import Settings
 from sinks.clickhouse import Store, batch_token
 from streams.pipeline import BatchProcessor, BatchResult, ModelSet, RawRecord
 from streams.state import SensorState
+from streams.transport import Transport
 from streams.validate import Limits, Rejection
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,11 @@ class Worker:
             broker_rebalance_timeout=settings.kafka_session_timeout,
             producer_acks=-1,
             stream_wait_empty=False,  # unacknowledged records are re-delivered anyway
+            loop=asyncio.get_running_loop(),
+        )
+        self.app.transport = Transport(
+            [URL(f"kafka://{server}") for server in bootstrap.split(",")],
+            self.app,
             loop=asyncio.get_running_loop(),
         )
         self.table = self.app.tables.add(
