@@ -92,22 +92,10 @@ def up(replay_file: Path | None, sensors: int | None, speed: float, rate: float)
     settings = _settings()
     feeder = None
     if replay_file is not None:
-        feeder = functools.partial(_replay_feeder, replay_csv, replay_file, speed)
+        feeder = functools.partial(replay_csv, path=replay_file, speed=speed)
     elif sensors is not None:
-        feeder = functools.partial(_simulate_feeder, simulate, sensors, rate)
+        feeder = functools.partial(simulate, sensors=sensors, rate=rate)
     asyncio.run(run(settings, Parts(worker=True, gateway=True), feeder=feeder))
-
-
-async def _replay_feeder(
-    replay_csv: Callable, path: Path, speed: float, producer: Any, topic: str
-) -> int:
-    return await replay_csv(producer, topic, path, speed=speed)
-
-
-async def _simulate_feeder(
-    simulate: Callable, sensors: int, rate: float, producer: Any, topic: str
-) -> int:
-    return await simulate(producer, topic, sensors=sensors, rate=rate)
 
 
 @command(main, "worker")
