@@ -27,13 +27,14 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import faust
 import orjson
 from aiokafka.errors import KafkaError
 from faust.exceptions import ProducerSendError
 from faust.types import EventT
+from prometheus_client import Counter as PromCounter
 from yarl import URL
 
 from forecast import metrics
@@ -72,7 +73,6 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.store = store
-        self.store_ok = True
         self.failed = asyncio.Event()
         self.failure: BaseException | None = None
         self.cache: dict[str, SensorState] = {}
@@ -169,23 +169,14 @@ class Worker:
         return result
 
     async def _store(self, result: BatchResult, token: str) -> None:
-        delay = 0.1
-        while True:
-            try:
-                await asyncio.to_thread(
-                    self.store.write_batch,
-                    result.readings,
-                    result.predictions + result.shadow,
-                    token,
-                )
-                self.store_ok = True
-                return
-            except StoreError as exc:
-                self.store_ok = False
-                metrics.SINK_ERRORS.inc()
-                log.warning("store write failed, retrying in %.1fs: %s", delay, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, MAX_BACKOFF)
+        def write() -> Awaitable[None]:
+            return asyncio.to_thread(
+                self.store.write_batch, result.readings, result.predictions + result.shadow, token
+            )
+
+        await with_backoff(
+            write, lambda exc: isinstance(exc, StoreError), "store write", metrics.SINK_ERRORS
+        )
 
     async def _publish(self, result: BatchResult) -> None:
         messages = [
@@ -201,22 +192,17 @@ class Worker:
             dead_letter(self.settings.topic("readings.dlq"), record, rejection)
             for record, rejection in result.rejected
         ]
-        delay = 0.1
-        while messages:
-            try:
-                sent = [
-                    await self.app.producer.send(topic, key, value, None, None, headers)
-                    for topic, key, value, headers in messages
-                ]
-                await asyncio.gather(*sent)
-                return
-            except ProducerSendError as exc:
-                cause = exc.__cause__
-                if not (isinstance(cause, KafkaError) and cause.retriable):
-                    raise
-                log.warning("publish failed, retrying in %.1fs: %s", delay, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, MAX_BACKOFF)
+        if not messages:
+            return
+
+        async def send() -> None:
+            sent = [
+                await self.app.producer.send(topic, key, value, None, None, headers)
+                for topic, key, value, headers in messages
+            ]
+            await asyncio.gather(*sent)
+
+        await with_backoff(send, _retriable_send, "publish")
 
     def _count(self, result: BatchResult) -> None:
         for outcome, count in result.outcomes.items():
@@ -241,6 +227,34 @@ class Worker:
             if doc is not None:
                 state = SensorState.from_json(doc)
         return state
+
+
+async def with_backoff(
+    attempt: Callable[[], Awaitable[None]],
+    retriable: Callable[[Exception], bool],
+    what: str,
+    failures: PromCounter | None = None,
+) -> None:
+    """Run ``attempt`` until it succeeds, sleeping 0.1 s doubling to MAX_BACKOFF between
+    retriable failures (the batch, and so consumption, waits meanwhile)."""
+    delay = 0.1
+    while True:
+        try:
+            await attempt()
+            return
+        except Exception as exc:
+            if not retriable(exc):
+                raise
+            if failures is not None:
+                failures.inc()
+            log.warning("%s failed, retrying in %.1fs: %s", what, delay, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF)
+
+
+def _retriable_send(exc: Exception) -> bool:
+    cause = exc.__cause__
+    return isinstance(exc, ProducerSendError) and isinstance(cause, KafkaError) and cause.retriable
 
 
 def dead_letter(
