@@ -28,6 +28,7 @@ SENSOR = {
     "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,200}$"},
 }
 TIME = {"type": "string", "format": "date-time"}
+TIME_RANGE = [{"name": bound, "in": "query", "schema": TIME} for bound in ("from", "to")]
 STAGE = {"name": "stage", "in": "query", "schema": {"enum": ["production", "shadow"]}}
 OBJECT = {"type": "object"}
 GUARDED = (401, 403, 429)
@@ -89,8 +90,7 @@ def spec() -> dict:
                     "security": AUTH,
                     "parameters": [
                         SENSOR,
-                        {"name": "from", "in": "query", "schema": TIME},
-                        {"name": "to", "in": "query", "schema": TIME},
+                        *TIME_RANGE,
                         {
                             "name": "limit",
                             "in": "query",
@@ -227,8 +227,7 @@ def spec() -> dict:
                             "schema": {"enum": ["predictions", "errors"]},
                         },
                         {"name": "sensors", "in": "query", "schema": {"type": "string"}},
-                        {"name": "from", "in": "query", "schema": TIME},
-                        {"name": "to", "in": "query", "schema": TIME},
+                        *TIME_RANGE,
                         {
                             "name": "format",
                             "in": "query",
