@@ -134,12 +134,6 @@ class Registry:
             self._write(state)
         return ModelRef(back["name"], back["version"])
 
-    def clear(self, stage: str) -> None:
-        with self._locked():
-            state = self.state()
-            state[stage] = None
-            self._write(state)
-
     # -- loading ------------------------------------------------------------------------
 
     def load(self, name: str, version: int, device: str = "cpu") -> LSTMForecaster:
