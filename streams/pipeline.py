@@ -115,7 +115,7 @@ class BatchProcessor:
         main, failed = _run(models.production, accepted) if models.production else (None, False)
         shadow, _ = _run(models.shadow, accepted) if models.shadow else (None, False)
         serving = {state_key(m) for m in (models.baseline, models.production, models.shadow) if m}
-        for _, state, _ in accepted:
+        for _, state in result.touched.values():  # once per sensor, not per reading
             for stale in state.models.keys() - serving:
                 del state.models[stale]  # a model that no longer serves
         for i, (reading, state, step) in enumerate(accepted):
