@@ -25,55 +25,59 @@ PUBLISHED = [
 def _train_options(fn):
     options = [
         click.option("--horizon", type=click.IntRange(1, 1000), default=96, show_default=True),
-        click.option("--lookback", type=click.IntRange(2, 5000), default=336, show_default=True),
-        click.option("--hidden", type=click.IntRange(1, 1024), default=64, show_default=True),
-        click.option("--epochs", type=click.IntRange(0, 1000), default=10, show_default=True),
+        click.option(
+            "--lookback",
+            type=click.IntRange(2, 5000),
+            help="Readings the model sees (default: lstm 336, tft 96).",
+        ),
+        click.option(
+            "--hidden", type=click.IntRange(1, 1024), help="Hidden size (default: lstm 64, tft 16)."
+        ),
+        click.option(
+            "--epochs", type=click.IntRange(0, 1000), help="At most (default: lstm 10, tft 6)."
+        ),
         click.option(
             "--patience",
             type=click.IntRange(1, 100),
-            default=3,
-            show_default=True,
-            help="Epochs without validation improvement before stopping.",
+            help="Epochs without validation improvement before stopping (lstm 3, tft 2).",
         ),
         click.option("--seed", type=int, default=0, show_default=True),
+        click.option(
+            "--batches-per-epoch",
+            type=click.IntRange(1, 1_000_000),
+            help="tft: training batches per epoch (default 200).",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def _fit(
-    data: Path, horizon: int, lookback: int, hidden: int, epochs: int, patience: int, seed: int
-):
-    from models.data import load_wide_csv, protocol_split
-    from models.train import TrainConfig, train_lstm
+def _fit(kind: str, data: Path, **options):
+    """Load a wide CSV, train ``kind`` on it with a progress bar; the Fitted model."""
+    from models.data import load_wide_csv
+    from models.fit import configure, fit
 
+    config = configure(kind, **options)
     series = load_wide_csv(data)
-    split = protocol_split(series, lookback)
-    config = TrainConfig(
-        lookback=lookback,
-        horizon=horizon,
-        hidden=hidden,
-        epochs=epochs,
-        patience=patience,
-        seed=seed,
-    )
     click.echo(
         f"{series.name}: {len(series.values)} rows x {len(series.columns)} channels; "
-        f"train/valid/test {len(split.train[0])}/{len(split.valid[0]) - lookback}/"
-        f"{len(split.test[0]) - lookback}",
+        f"training {kind} (lookback {config.lookback}, horizon {config.horizon})",
         err=True,
     )
+    epochs = config.epochs + (kind == "lstm")  # the LSTM also scores its ridge start
     with click.progressbar(
-        length=epochs + 1, label="training", file=sys.stderr, show_pos=True
+        length=epochs, label=f"training {kind}", file=sys.stderr, show_pos=True
     ) as bar:
 
         def progress(epoch: int, row: dict) -> None:
-            bar.label = f"training (valid mse {row['valid_mse']:.4f})"
+            loss = row.get("valid_mse", row.get("valid_loss"))
+            bar.label = f"training {kind} (validation {loss:.4f})"
             bar.update(1)
 
-        result = train_lstm(split, config, progress)
-    return series, split, config, result
+        fitted = fit(kind, series, config, progress)
+    fitted.meta["data"]["file"] = str(data)
+    return series, fitted
 
 
 @command(main, "train")
@@ -84,60 +88,30 @@ def _fit(
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Wide CSV: a time column, then one column per channel.",
 )
-@click.option("--model", type=click.Choice(["lstm"]), default="lstm", show_default=True)
+@click.option("--model", type=click.Choice(["lstm", "tft"]), default="lstm", show_default=True)
 @_train_options
+@click.option(
+    "--cadence",
+    type=click.IntRange(1, 100_000),
+    help="tft: forecast every k readings of a sensor (default 1).",
+)
 @click.option("--name", help="Registry name (default: the model kind).")
 @click.option(
     "--promote",
     type=click.Choice(["production", "shadow"]),
     help="Put the new version in this stage at once.",
 )
-def train(
-    data: Path,
-    model: str,
-    horizon: int,
-    lookback: int,
-    hidden: int,
-    epochs: int,
-    patience: int,
-    seed: int,
-    name: str | None,
-    promote: str | None,
-) -> None:
+def train(data: Path, model: str, name: str | None, promote: str | None, **options) -> None:
     """Train a model under the chronological protocol, evaluate it and register it."""
-    from dataclasses import asdict
-
-    import torch
-
     from models.registry import Registry
 
     settings = _settings()
-    series, _split, config, result = _fit(data, horizon, lookback, hidden, epochs, patience, seed)
+    _series, fitted = _fit(model, data, **options)
     registry = Registry(settings.models_dir)
-    meta = {
-        "kind": "linear-lstm",
-        "params": asdict(config),
-        "data": {
-            "file": str(data),
-            "sha256": series.fingerprint,
-            "rows": len(series.values),
-            "channels": series.columns,
-            "step_seconds": series.step_seconds,
-        },
-        "metrics": {"valid": result.valid.as_dict(), "test": result.test.as_dict()},
-        "best_epoch": result.best_epoch,
-        "history": result.history,
-        "train_seconds": round(result.seconds, 2),
-    }
-    artifact = {
-        "kind": "linear-lstm",
-        "config": asdict(config),
-        "state_dict": result.net.state_dict(),
-        "quantiles": torch.as_tensor(result.quantiles),
-    }
-    version = registry.register(name or model, artifact, meta)
+    result = fitted.result
+    version = registry.register(name or model, fitted.artifact, fitted.meta)
     click.echo(
-        f"best epoch {result.best_epoch} of {len(result.history) - 1}, {result.seconds:.1f}s"
+        f"best epoch {result.best_epoch} of {result.history[-1]['epoch']}, {result.seconds:.1f}s"
     )
     click.echo(f"valid: {_metrics(result.valid.as_dict())}")
     click.echo(f"test:  {_metrics(result.test.as_dict())}")
@@ -191,6 +165,20 @@ def models_show(name: str, version: int) -> None:
     click.echo(orjson.dumps(meta, option=orjson.OPT_INDENT_2).decode())
 
 
+@command(models, "importances")
+@click.argument("name")
+@click.argument("version", type=int)
+def models_importances(name: str, version: int) -> None:
+    """How much a TFT version attends to each input (encoder and decoder side)."""
+    meta = _registry().meta(name, version)
+    if "importances" not in meta:
+        raise ForecastError(f"{name} v{version} ({meta['kind']}) has no variable importances")
+    for side, weights in meta["importances"].items():
+        click.echo(f"{side}:")
+        for variable, weight in sorted(weights.items(), key=lambda kv: -kv[1]):
+            click.echo(f"  {variable:<12}{weight:>7.1%}  {'#' * round(weight * 40)}")
+
+
 @command(models, "promote")
 @click.argument("name")
 @click.argument("version", type=int)
@@ -224,6 +212,14 @@ def bench() -> None:
 )
 @_train_options
 @click.option(
+    "--tft-lookback",
+    type=click.IntRange(2, 5000),
+    default=96,
+    show_default=True,
+    help="Encoder length of the TFT (--lookback is the LSTM's).",
+)
+@click.option("--skip-tft", is_flag=True, help="Leave the TFT out (it trains for minutes).")
+@click.option(
     "--season",
     type=click.IntRange(1, 10_000),
     default=24,
@@ -232,84 +228,67 @@ def bench() -> None:
 )
 def bench_accuracy(
     dataset: Path,
-    horizon: int,
-    lookback: int,
-    hidden: int,
-    epochs: int,
-    patience: int,
-    seed: int,
+    tft_lookback: int,
+    skip_tft: bool,
     season: int,
+    **options,
 ) -> None:
     """Train and score our models under the published protocol; print the table."""
     import torch
 
     from models.evaluation import repeat_last, seasonal_naive
     from models.lstm import LinearLSTMNet
-    from models.train import evaluate
+    from models.train import Metrics, evaluate
 
     _settings()
-    if lookback < season:
-        raise ForecastError(f"--lookback {lookback} must cover a season ({season} steps)")
-    series, split, _config, result = _fit(
-        dataset, horizon, lookback, hidden, epochs, patience, seed
-    )
-    ridge_only = LinearLSTMNet(lookback, horizon, hidden)
+    series, lstm = _fit("lstm", dataset, **{**options, "batches_per_epoch": None})
+    config, result = lstm.config, lstm.result
+    if config.lookback < season:
+        raise ForecastError(f"--lookback {config.lookback} must cover a season ({season} steps)")
+    ridge_only = LinearLSTMNet(config.lookback, config.horizon, config.hidden)
     ridge_only.load_state_dict(result.net.state_dict())
     torch.nn.init.zeros_(ridge_only.head.weight)
     torch.nn.init.zeros_(ridge_only.head.bias)
-    ridge_metrics = evaluate(ridge_only.eval(), split.test)
-    test_values = split.test[0]
+    ridge_metrics = evaluate(ridge_only.eval(), lstm.split.test)
+    test_values = lstm.split.test[0]
+    lookback, horizon = config.lookback, config.horizon
     rows = [
-        (
-            "lstm (ridge skip + LSTM residual)",
-            result.test.mse,
-            result.test.mae,
-            result.test.coverage,
-        ),
-        ("  its linear path alone", ridge_metrics.mse, ridge_metrics.mae, None),
-        (
-            f"online baseline (seasonal naive, {season})",
-            *seasonal_naive(test_values, lookback, horizon, season),
-            None,
-        ),
-        ("repeat last", *repeat_last(test_values, lookback, horizon), None),
-        ("tft", None, None, None),
+        ("lstm (ridge skip + LSTM residual)", result.test, f"{result.seconds:.0f}s"),
+        ("  its linear path alone", ridge_metrics, ""),
+    ]
+    if not skip_tft:
+        tft_options = {
+            "horizon": horizon,
+            "seed": options["seed"],
+            "lookback": tft_lookback,
+            "batches_per_epoch": options["batches_per_epoch"],
+        }
+        tft = _fit("tft", dataset, **tft_options)[1]
+        label = f"tft (encoder {tft_lookback}, hidden {tft.config.hidden})"
+        rows.append((label, tft.result.test, f"{tft.result.seconds:.0f}s"))
+    naive = seasonal_naive(test_values, lookback, horizon, season)
+    rows += [
+        (f"online baseline (seasonal naive, {season})", Metrics(*naive, 0.0, None), ""),
+        ("repeat last", Metrics(*repeat_last(test_values, lookback, horizon), 0.0, None), ""),
     ]
     click.echo(
         f"\n{series.name}, horizon {horizon}, lookback {lookback}, test windows "
         f"{len(test_values) - lookback - horizon + 1} x {len(series.columns)} channels"
     )
-    click.echo(f"{'model':<42}{'MSE':>8}{'MAE':>8}{'90% PI cover':>14}")
-    for label, mse, mae, cover in rows:
-        if mse is None:
-            click.echo(f"{label:<42}{'not built yet':>16}")
-            continue
-        cover_text = f"{cover:.3f}" if cover is not None else "-"
-        click.echo(f"{label:<42}{mse:>8.3f}{mae:>8.3f}{cover_text:>14}")
+    click.echo(f"{'model':<42}{'MSE':>8}{'MAE':>8}{'90% PI cover':>14}{'training':>10}")
+    for label, scored, took in rows:
+        cover = f"{scored.coverage:.3f}" if scored.coverage is not None else "-"
+        click.echo(f"{label:<42}{scored.mse:>8.3f}{scored.mae:>8.3f}{cover:>14}{took:>10}")
     if series.name == "ETTh1" and horizon == 96:
         click.echo(
             "published (ETTh1, horizon 96): "
             + ", ".join(f"{n} {m:.3f}/{a:.3f}" for n, m, a in PUBLISHED)
         )
-    click.echo(f"training: {result.seconds:.1f}s, best epoch {result.best_epoch}, seed {seed}")
+    click.echo(_machine())
+    given = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items() if v is not None)
     click.echo(
-        f"machine: {platform.machine()}, {os.cpu_count()} cpus, python "
-        f"{platform.python_version()}, torch {torch.__version__}, "
-        f"{'cuda' if torch.cuda.is_available() else 'cpu'}"
-    )
-    click.echo(
-        "command: forecast bench accuracy --dataset "
-        + " ".join(
-            [
-                str(dataset),
-                f"--horizon {horizon}",
-                f"--lookback {lookback}",
-                f"--hidden {hidden}",
-                f"--epochs {epochs}",
-                f"--patience {patience}",
-                f"--seed {seed}",
-            ]
-        )
+        f"command: forecast bench accuracy --dataset {dataset} {given} "
+        f"--tft-lookback {tft_lookback}{' --skip-tft' if skip_tft else ''} --season {season}"
     )
 
 

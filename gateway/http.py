@@ -182,6 +182,19 @@ def create_app(
         await asyncio.to_thread(registry.promote, name, version, stage)
         return JSONResponse({"name": name, "version": version, "stage": stage})
 
+    async def importances(request: Request) -> Response:
+        principal(request)
+        registry = _need(ctx.registry, "the model registry")
+        name = request.path_params["name"]
+        try:
+            version = int(request.path_params["version"])
+        except ValueError:
+            return error(400, "bad_request", "version must be an integer")
+        meta = await asyncio.to_thread(registry.meta, name, version)
+        if "importances" not in meta:
+            return error(404, "no_importances", f"{name} v{version} ({meta['kind']}) has none")
+        return JSONResponse({"name": name, "version": version, **meta["importances"]})
+
     async def rollback(request: Request) -> Response:
         principal(request, "operator")
         registry = _need(ctx.registry, "the model registry")
@@ -305,6 +318,7 @@ def create_app(
             Route("/v1/models", models),
             Route("/v1/models/rollback", rollback, methods=["POST"]),
             Route("/v1/models/{name}/{version}/promote", promote, methods=["POST"]),
+            Route("/v1/models/{name}/{version}/importances", importances),
             Route("/v1/keys", keys, methods=["GET", "POST"]),
             Route("/v1/keys/{key_id}", revoke, methods=["DELETE"]),
             Route("/openapi.json", openapi),

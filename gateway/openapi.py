@@ -29,6 +29,20 @@ SENSOR = {
 }
 TIME = {"type": "string", "format": "date-time"}
 TIME_RANGE = [{"name": bound, "in": "query", "schema": TIME} for bound in ("from", "to")]
+MODEL_VERSION = [
+    {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+    },
+    {
+        "name": "version",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 1},
+    },
+]
 STAGE = {"name": "stage", "in": "query", "schema": {"enum": ["production", "shadow"]}}
 OBJECT = {"type": "object"}
 GUARDED = (401, 403, 429)
@@ -111,21 +125,15 @@ def spec() -> dict:
                 "post": {
                     "summary": "Promote a version (operator)",
                     "security": AUTH,
-                    "parameters": [
-                        {
-                            "name": "name",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
-                        },
-                        {
-                            "name": "version",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "integer", "minimum": 1},
-                        },
-                        STAGE,
-                    ],
+                    "parameters": [*MODEL_VERSION, STAGE],
+                    "responses": {**_json(OBJECT), **_errors(400, *GUARDED, 404)},
+                }
+            },
+            "/v1/models/{name}/{version}/importances": {
+                "get": {
+                    "summary": "Variable importances of a TFT version (encoder and decoder)",
+                    "security": AUTH,
+                    "parameters": MODEL_VERSION,
                     "responses": {**_json(OBJECT), **_errors(400, *GUARDED, 404)},
                 }
             },

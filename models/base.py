@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from typing import Protocol
 
 Interval = tuple[list[float], list[float], list[float]]  # yhat, lower, upper
 Item = tuple[dict, float, float]  # per-sensor state, value, epoch seconds
+
+
+class NotDue(enum.Enum):
+    """No forecast at this reading: the model forecasts every k readings."""
+
+    NOT_DUE = "not due"
+
+
+NOT_DUE = NotDue.NOT_DUE
 
 
 class StreamingForecaster(Protocol):
@@ -19,9 +29,29 @@ class StreamingForecaster(Protocol):
     def init_state(self) -> dict:
         """A fresh per-sensor state."""
 
-    def step(self, items: list[Item]) -> list[Interval | None]:
+    def correct(self, state: dict, value: float, newer: int, replace: bool) -> None:
+        """Take a late reading into the state: ``newer`` readings already seen are newer
+        than it; ``replace`` if it re-sends the reading just before those."""
+
+    def step(self, items: list[Item]) -> list[Interval | NotDue | None]:
         """Advance each state by its reading, in order (a state may appear several
-        times); return the forecast after each reading, or None until enough history."""
+        times); return the forecast after each reading, None until enough history, or
+        ``NOT_DUE`` between the forecasts of a model that forecasts every k readings."""
+
+
+def place(window: list, value: float, newer: int, replace: bool, limit: int) -> None:
+    """Put a late value into a window of the latest ``limit`` values (oldest first) where
+    it belongs in time; a value older than the whole window changes nothing."""
+    position = len(window) - newer
+    if replace:
+        if position >= 1:
+            window[position - 1] = value
+        return
+    if position < 0 or (position == 0 and len(window) == limit):
+        return
+    window.insert(position, value)
+    if len(window) > limit:
+        del window[0]
 
 
 def is_finite(result: Interval) -> bool:

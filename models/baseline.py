@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from models.base import Interval, Item
+from models.base import Interval, Item, place
 
 Z_90 = 1.6448536269514722  # two-sided 90% normal quantile
 
@@ -40,6 +40,9 @@ class SeasonalNaive:
         history.append(value)
         if len(history) > self.season:
             del history[0]
+
+    def correct(self, state: dict, value: float, newer: int, replace: bool) -> None:
+        place(state["history"], value, newer, replace, self.season)
 
     def step(self, items: list[Item]) -> list[Interval | None]:
         out = []

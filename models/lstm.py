@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.base import Interval
+from models.base import Interval, place
 from models.data import calendar
 
 EPS = 1e-3
@@ -92,6 +92,10 @@ class LSTMForecaster:
     def init_state(self) -> dict:
         return {"buf": [], "h": None, "c": None}
 
+    def correct(self, state: dict, value: float, newer: int, replace: bool) -> None:
+        """The window takes the late value; the recurrent summary is not rewound."""
+        place(state["buf"], value, newer, replace, self.lookback)
+
     def step(self, items: list[tuple[dict, float, float]]) -> list[Interval | None]:
         """Advance each (state, value, ts) in order; forecast once a window is full."""
         results: list[Interval | None] = [None] * len(items)
@@ -130,3 +134,10 @@ class LSTMForecaster:
         for j, (index, (state, _, _)) in enumerate(zip(indexes, items, strict=True)):
             state["h"], state["c"] = h_list[j], c_list[j]
             results[index] = (y_list[j], lo_list[j], up_list[j])
+
+
+def from_artifact(artifact: dict, version: int, device: str) -> LSTMForecaster:
+    config = artifact["config"]
+    net = LinearLSTMNet(config["lookback"], config["horizon"], config["hidden"])
+    net.load_state_dict(artifact["state_dict"])
+    return LSTMForecaster(net, version, artifact["quantiles"].numpy(), device)

@@ -27,7 +27,7 @@ import orjson
 import torch
 
 from forecast.errors import ModelError
-from models.lstm import LinearLSTMNet, LSTMForecaster
+from models.base import StreamingForecaster
 
 FORMAT = 1
 STAGES = ("production", "shadow")
@@ -136,7 +136,7 @@ class Registry:
 
     # -- loading ------------------------------------------------------------------------
 
-    def load(self, name: str, version: int, device: str = "cpu") -> LSTMForecaster:
+    def load(self, name: str, version: int, device: str = "cpu") -> StreamingForecaster:
         """Load and check an artifact; ModelError if it is missing, corrupt or foreign."""
         folder = self.root / name / f"v{version}"
         if not folder.is_dir():
@@ -149,16 +149,14 @@ class Registry:
             raise ModelError(f"model {name} v{version}: artifact checksum mismatch (corrupt)")
         try:
             artifact = torch.load(folder / "model.pt", map_location=device, weights_only=True)
-            if artifact.get("format") != FORMAT or artifact.get("kind") != "linear-lstm":
+            loader = _loader(artifact.get("kind"))
+            if artifact.get("format") != FORMAT or loader is None:
                 raise ModelError(f"model {name} v{version}: incompatible artifact format")
-            config = artifact["config"]
-            net = LinearLSTMNet(config["lookback"], config["horizon"], config["hidden"])
-            net.load_state_dict(artifact["state_dict"])
+            forecaster = loader(artifact, version, device)
         except ModelError:
             raise
         except Exception as exc:  # torch raises many types for a bad file
             raise ModelError(f"model {name} v{version}: cannot load ({exc})") from exc
-        forecaster = LSTMForecaster(net, version, artifact["quantiles"].numpy(), device)
         forecaster.name = name
         return forecaster
 
@@ -173,6 +171,17 @@ class Registry:
         tmp = self.file.with_suffix(".tmp")
         tmp.write_bytes(orjson.dumps(state, option=orjson.OPT_INDENT_2))
         os.replace(tmp, self.file)
+
+
+def _loader(kind: str | None):
+    """The function that turns an artifact of this kind into a forecaster."""
+    if kind == "linear-lstm":
+        from models.lstm import from_artifact
+    elif kind == "tft":
+        from models.tft import from_artifact
+    else:
+        return None
+    return from_artifact
 
 
 def _sha256(path: Path) -> str:

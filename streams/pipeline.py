@@ -4,7 +4,14 @@ The agent hands a batch of records to :meth:`BatchProcessor.process`, then store
 comes back (readings, predictions, rejections) and only then acknowledges the records.
 Every forecaster runs once per batch over all its sensors (one forward pass per step
 round), and the production model falls back to the baseline per sensor while it warms
-up, or if it fails or returns non-finite values.
+up, or if it fails or returns non-finite values. A model with a cadence publishes only
+at its due readings.
+
+Late and out-of-order readings, by event time against the sensor's latest reading:
+within ``allowed_lateness`` they are stored and, once the batch's forecasts are made,
+placed into every forecaster's windows where they belong in time (a repeated time
+replaces the value), if they fall among the sensor's last ``RECENT`` readings; beyond
+the lateness they are rejected with reason ``late``. Forecasts already published stay.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from dataclasses import dataclass, field
 
 from forecast import metrics
 from forecast.schemas import Prediction, Reading
-from models.base import Interval, StreamingForecaster, is_finite
+from models.base import NOT_DUE, Interval, NotDue, StreamingForecaster, is_finite
 from models.baseline import SeasonalNaive
 from streams.state import SensorState
 from streams.validate import Limits, Rejection, parse_record
@@ -42,6 +49,9 @@ class ModelSet:
     production: StreamingForecaster | None = None
     shadow: StreamingForecaster | None = None
 
+    def serving(self) -> list[StreamingForecaster]:
+        return [m for m in (self.baseline, self.production, self.shadow) if m is not None]
+
 
 @dataclass(slots=True)
 class BatchResult:
@@ -50,6 +60,7 @@ class BatchResult:
     shadow: list[Prediction] = field(default_factory=list)  # stored only
     rejected: list[tuple[RawRecord, Rejection]] = field(default_factory=list)
     touched: dict[str, tuple[int, SensorState]] = field(default_factory=dict)
+    late: list[tuple[Reading, SensorState]] = field(default_factory=list)  # to correct
     outcomes: Counter = field(default_factory=Counter)  # accepted, out_of_order, duplicate
     fallbacks: Counter = field(default_factory=Counter)  # warming_up, failed
 
@@ -84,6 +95,8 @@ class BatchProcessor:
                     accepted.append((reading, state, state.step))
         if accepted:
             self._forecast(accepted, result, now)
+        if result.late:
+            self._correct(result)
         return result
 
     def _admit(
@@ -97,15 +110,29 @@ class BatchProcessor:
                 detail = f"{state.last_ts - reading.ts:.0f}s older than the latest reading"
                 result.rejected.append((record, Rejection("late", detail)))
                 return None
-            # Inside the allowed lateness: stored for analysts; the forecasters move on.
             result.outcomes["duplicate" if reading.ts == state.last_ts else "out_of_order"] += 1
             result.readings.append(reading)
+            result.late.append((reading, state))
+            result.touched[reading.sensor_id] = (record.partition, state)
             return None
         result.outcomes["accepted"] += 1
         result.readings.append(reading)
         result.touched[reading.sensor_id] = (record.partition, state)
         state.observe(reading.ts)
         return state
+
+    def _correct(self, result: BatchResult) -> None:
+        """Place late readings into the windows of every model state the sensor has."""
+        models = self.models()
+        serving = {state_key(m): m for m in models.serving()}
+        for reading, state in result.late:
+            where = state.place(reading.ts)
+            if where is None:
+                result.outcomes["too_old_to_correct"] += 1
+                continue
+            for key, own in state.models.items():
+                if key in serving:
+                    serving[key].correct(own, reading.value, *where)
 
     def _forecast(
         self, accepted: list[tuple[Reading, SensorState]], result: BatchResult, now: float
@@ -114,36 +141,32 @@ class BatchProcessor:
         base, _ = _run(models.baseline, accepted)
         main, failed = _run(models.production, accepted) if models.production else (None, False)
         shadow, _ = _run(models.shadow, accepted) if models.shadow else (None, False)
-        serving = {state_key(m) for m in (models.baseline, models.production, models.shadow) if m}
+        serving = {state_key(m) for m in models.serving()}
         for _, state in result.touched.values():  # once per sensor, not per reading
             for stale in state.models.keys() - serving:
                 del state.models[stale]  # a model that no longer serves
         for i, (reading, state, step) in enumerate(accepted):
             if step is None:
                 continue  # the step needs two readings
-            chosen, forecaster = base[i], models.baseline
-            if main is not None:
-                if main[i] is not None and is_finite(main[i]):
-                    chosen, forecaster = main[i], models.production
-                else:
-                    warming = main[i] is None and not failed
-                    result.fallbacks["warming_up" if warming else "failed"] += 1
-            if chosen is None or not is_finite(chosen):
-                result.outcomes["forecast_failed"] += 1
-                continue
-            state.seq += 1
-            made = Prediction(
-                reading.sensor_id,
-                reading.ts,
-                now,
-                forecaster.name,
-                forecaster.version,
-                step,
-                *chosen,
-                state.seq,
-            )
-            result.predictions.append(made)
-            if shadow is not None and shadow[i] is not None and is_finite(shadow[i]):
+            if main is None or main[i] is not NOT_DUE:  # a cadence skips readings
+                chosen, forecaster = _choose(
+                    base[i], None if main is None else main[i], failed, models, result
+                )
+                if forecaster is not None:
+                    state.seq += 1
+                    result.predictions.append(
+                        Prediction(
+                            reading.sensor_id,
+                            reading.ts,
+                            now,
+                            forecaster.name,
+                            forecaster.version,
+                            step,
+                            *chosen,
+                            state.seq,
+                        )
+                    )
+            if shadow is not None and _usable(shadow[i]):
                 result.shadow.append(
                     Prediction(
                         reading.sensor_id,
@@ -159,14 +182,37 @@ class BatchProcessor:
                 )
 
 
+def _choose(
+    base: Interval | None,
+    main: Interval | NotDue | None,
+    failed: bool,
+    models: ModelSet,
+    result: BatchResult,
+) -> tuple[Interval | None, StreamingForecaster | None]:
+    """The production forecast if usable, else the baseline's (counted); (None, None)
+    when neither is."""
+    if models.production is not None:
+        if _usable(main):
+            return main, models.production
+        result.fallbacks["warming_up" if main is None and not failed else "failed"] += 1
+    if _usable(base):
+        return base, models.baseline
+    result.outcomes["forecast_failed"] += 1
+    return None, None
+
+
+def _usable(forecast: Interval | NotDue | None) -> bool:
+    return isinstance(forecast, tuple) and is_finite(forecast)
+
+
 def state_key(forecaster: StreamingForecaster) -> str:
     """Each model version keeps its own per-sensor state; a new version starts afresh."""
     return f"{forecaster.name}@{forecaster.version}"
 
 
 def _run(
-    forecaster: StreamingForecaster, accepted: list[tuple[Reading, SensorState]]
-) -> tuple[list[Interval | None], bool]:
+    forecaster: StreamingForecaster, accepted: list[tuple[Reading, SensorState, float | None]]
+) -> tuple[list[Interval | NotDue | None], bool]:
     """One forecaster over the batch, and whether it failed (then the baseline serves)."""
     key = state_key(forecaster)
     states = []

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
+
+import orjson
+
+RECENT = 64  # how far back (in readings) a late reading still corrects the forecasters
 
 
 @dataclass(slots=True)
@@ -13,16 +18,51 @@ class SensorState:
     step: float | None = None  # seconds between the two latest readings
     seq: int = 0  # sequence number of the latest published prediction
     models: dict[str, dict] = field(default_factory=dict)  # forecaster name -> its state
+    recent: list[float] = field(default_factory=list)  # times of the latest readings
 
-    def to_json(self) -> dict:
-        return {"last_ts": self.last_ts, "step": self.step, "seq": self.seq, "models": self.models}
+    def to_bytes(self) -> bytes:
+        """A snapshot as JSON (live objects in model states serialise by ``to_json``)."""
+        doc = {
+            "last_ts": self.last_ts,
+            "step": self.step,
+            "seq": self.seq,
+            "models": self.models,
+            "recent": self.recent,
+        }
+        return orjson.dumps(doc, default=_plain, option=orjson.OPT_SERIALIZE_NUMPY)
 
     @classmethod
-    def from_json(cls, doc: dict) -> SensorState:
-        return cls(doc["last_ts"], doc["step"], doc["seq"], doc["models"])
+    def from_bytes(cls, raw: bytes) -> SensorState:
+        doc = orjson.loads(raw)
+        return cls(doc["last_ts"], doc["step"], doc["seq"], doc["models"], doc.get("recent", []))
 
     def observe(self, ts: float) -> None:
         """Advance event time to ``ts`` (newer than ``last_ts``)."""
         if self.last_ts is not None:
             self.step = ts - self.last_ts
         self.last_ts = ts
+        self._remember(ts)
+
+    def place(self, ts: float) -> tuple[int, bool] | None:
+        """Where a late reading at ``ts`` falls: how many remembered readings are newer,
+        and whether it repeats one; None if it is older than all that is remembered."""
+        if not self.recent or ts < self.recent[0]:
+            return None
+        newer = len(self.recent) - bisect.bisect_right(self.recent, ts)
+        replace = self.recent[len(self.recent) - newer - 1] == ts
+        if not replace:
+            bisect.insort(self.recent, ts)
+            del self.recent[: max(0, len(self.recent) - RECENT)]
+        return newer, replace
+
+    def _remember(self, ts: float) -> None:
+        self.recent.append(ts)
+        if len(self.recent) > RECENT:
+            del self.recent[0]
+
+
+def _plain(value: object) -> object:
+    to_json = getattr(value, "to_json", None)
+    if to_json is None:
+        raise TypeError(f"cannot store {type(value).__name__} in sensor state")
+    return to_json()

@@ -55,7 +55,7 @@ DLQ_MAX_VALUE = 64 * 1024
 class SensorStateTable(faust.Table):
     """A Faust table written once per batch, outside per-event iteration."""
 
-    def put(self, partition: int, key: str, value: dict) -> None:
+    def put(self, partition: int, key: str, value: bytes) -> None:
         """Set ``key`` and log it to the changelog partition of the record that carried it."""
         self.data[key] = value
         self.send_changelog(partition, key, value)
@@ -100,7 +100,8 @@ class Worker:
                 name="sensor-state",
                 beacon=self.app.tables.beacon,
                 partitions=settings.kafka_partitions,
-                schema=faust.Schema(key_type=str, key_serializer="raw", value_serializer="json"),
+                schema=faust.Schema(key_type=str, key_serializer="raw", value_serializer="raw"),
+                value_type=bytes,  # a JSON snapshot, taken when the batch is done
                 help="Per-sensor state of the forecasters.",
             )
         )
@@ -164,7 +165,7 @@ class Worker:
         await self._publish(result)
         for sensor_id, (partition, state) in result.touched.items():
             self.cache[sensor_id] = state
-            self.table.put(partition, sensor_id, state.to_json())
+            self.table.put(partition, sensor_id, state.to_bytes())  # a snapshot
         self._count(result)
         return result
 
@@ -225,7 +226,7 @@ class Worker:
         if state is None:
             doc = self.table.get(sensor_id)
             if doc is not None:
-                state = SensorState.from_json(doc)
+                state = SensorState.from_bytes(doc)
         return state
 
 

@@ -120,3 +120,32 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     running = start_system(tmp_path_factory.mktemp("system"))
     yield running
     assert running.stop() == 0
+
+
+TINY_TFT = {
+    "lookback": 24,
+    "horizon": 6,
+    "hidden": 8,
+    "heads": 1,
+    "epochs": 2,
+    "batches_per_epoch": 8,
+    "batch_size": 64,
+}
+
+
+@pytest.fixture(scope="session")
+def short_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 1200 hours of ETTh1 (split 60/20/20 by the protocol's rules)."""
+    path = tmp_path_factory.mktemp("data") / "ETTh1-short.csv"
+    lines = ETTH1.read_text().splitlines()[:1201]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tft(short_csv: Path):
+    """A TFT trained for seconds: enough to check its plumbing, not its accuracy."""
+    from models.data import load_wide_csv
+    from models.fit import configure, fit
+
+    return fit("tft", load_wide_csv(short_csv), configure("tft", **TINY_TFT))

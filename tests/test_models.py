@@ -17,6 +17,7 @@ from models.registry import Registry
 from models.serving import ModelWatcher
 from models.train import TrainConfig, offline_forecasts, train_lstm
 from streams.pipeline import BatchProcessor, ModelSet, RawRecord
+from streams.state import SensorState
 from streams.validate import Limits
 from tests.conftest import ETTH1
 
@@ -81,11 +82,14 @@ def test_training_never_ends_worse_than_its_ridge_start(trained) -> None:
 # -- the contract every forecaster keeps ---------------------------------------------------
 
 
-@pytest.fixture(params=["baseline", "lstm"])
+@pytest.fixture(params=["baseline", "lstm", "tft"])
 def forecaster(request, trained, tmp_path: Path):
     if request.param == "baseline":
         return SeasonalNaive(horizon=12, season=24)
     registry = Registry(tmp_path)
+    if request.param == "tft":
+        tft = request.getfixturevalue("tiny_tft")
+        return registry.load("tft", registry.register("tft", tft.artifact, tft.meta))
     return registry.load("lstm", register(registry, trained))
 
 
@@ -104,12 +108,10 @@ def test_contract_shapes_intervals_and_warm_up(forecaster) -> None:
 
 
 def test_contract_state_round_trips_through_json(forecaster) -> None:
-    import orjson
-
     state = forecaster.init_state()
     items = [(state, float(i % 24), 1e9 + 3600 * i) for i in range(60)]
     forecaster.step(items)
-    copy = orjson.loads(orjson.dumps(state))
+    copy = SensorState.from_bytes(SensorState(models={"m": state}).to_bytes()).models["m"]
     a = forecaster.step([(state, 3.0, 1e9 + 3600 * 60)])
     b = forecaster.step([(copy, 3.0, 1e9 + 3600 * 60)])
     assert a == b

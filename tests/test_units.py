@@ -78,8 +78,10 @@ def test_batch_forecasts_from_the_second_reading_with_increasing_seq() -> None:
 
 
 def test_late_and_out_of_order_readings() -> None:
-    baseline = {"history": [1.0], "var": 0.0, "errors": 0}
-    states = {"s": SensorState(last_ts=1e9, step=60.0, seq=5, models={"baseline@1": baseline})}
+    baseline = {"history": [1.0, 1.0], "var": 0.0, "errors": 0}
+    recent = [1e9 - 60 * i for i in range(10, -1, -1)]
+    state = SensorState(1e9, 60.0, 5, {"baseline@1": baseline}, recent)
+    states = {"s": state}
     result = processor(states, lateness=600).process(
         [
             record(0, "s", 1e9),  # duplicate time
@@ -92,6 +94,41 @@ def test_late_and_out_of_order_readings() -> None:
     assert [r.reason for _, r in result.rejected] == ["late"]
     assert [p.seq for p in result.predictions] == [6]
     assert len(result.readings) == 3  # stored for analysts, late one only in the DLQ
+
+
+def feed(batches: list[list[tuple[float, float]]], season: int = 4) -> SensorState:
+    """Readings (ts, value) of one sensor in batches; the sensor's state afterwards."""
+    states: dict[str, SensorState] = {}
+    models = ModelSet(SeasonalNaive(horizon=3, season=season))
+    work = BatchProcessor(lambda: models, Limits(), 3600.0, states.get, clock=lambda: 2e9)
+    offset = 0
+    for batch in batches:
+        records = []
+        for ts, value in batch:
+            records.append(record(offset, "s", ts, value))
+            offset += 1
+        for sensor, (_, state) in work.process(records).touched.items():
+            states[sensor] = state
+    return states["s"]
+
+
+def test_a_late_reading_lands_where_it_belongs_in_the_windows() -> None:
+    readings = [(1e9 + 60 * i, float(i * i)) for i in range(8)]
+    in_time = feed([readings])
+    late = feed([readings[:5] + readings[6:], [readings[5]]])  # the sixth, two readings late
+    assert late.models["baseline@1"]["history"] == in_time.models["baseline@1"]["history"]
+    assert late.recent == in_time.recent
+    again = feed([readings, [(readings[6][0], 99.0)]])  # a corrected re-send replaces
+    assert again.models["baseline@1"]["history"] == [16.0, 25.0, 99.0, 49.0]
+
+
+def test_state_snapshot_round_trips_and_keeps_late_positions() -> None:
+    state = feed([[(1e9 + 60 * i, float(i)) for i in range(3)]])
+    copy = SensorState.from_bytes(state.to_bytes())
+    assert copy == state
+    assert copy.place(1e9 + 30) == (2, False)
+    assert copy.place(1e9 + 120) == (0, True)
+    assert copy.place(1e9 - 1) is None
 
 
 def test_prediction_rows_are_one_per_step_with_target_times() -> None:
