@@ -26,14 +26,19 @@ setup() {
   fi
 }
 
-browser() {
-  # Debian's Chromium drives the dashboard test (headless).
-  if ! command -v chromium >/dev/null 2>&1; then
-    echo "installing chromium (Debian package) for the dashboard test" >&2
-    if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+test_tools() {
+  # Debian's Chromium drives the dashboard test (headless); promtool (Debian's prometheus
+  # package) checks the metrics endpoints and the alert rules.
+  if command -v chromium >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
+    return
   fi
+  echo "installing Debian packages for the tests (chromium, prometheus)" >&2
+  if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  export DEBIAN_FRONTEND=noninteractive
+  command -v chromium >/dev/null 2>&1 || $SUDO apt-get install -y -qq chromium >/dev/null
+  command -v promtool >/dev/null 2>&1 ||
+    $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 }
 
 case "${1:-}" in
@@ -45,7 +50,7 @@ case "${1:-}" in
   test)
     shift
     setup
-    browser
+    test_tools
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .
     exec "$VENV/bin/python" -m pytest "$@"

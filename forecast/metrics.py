@@ -61,6 +61,61 @@ MODEL_LOAD_FAILURES = Counter(
     "Model versions refused at load (corrupt or incompatible); the running model stays.",
     registry=REGISTRY,
 )
+RESIDUAL_ERRORS = Histogram(
+    "forecast_residual_abs_error",
+    "Absolute forecast error once the actual arrived, by model, stage and horizon step.",
+    ["model", "stage", "horizon"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 100),
+    registry=REGISTRY,
+)
+RESIDUAL_COVERED = Counter(
+    "forecast_residual_covered",
+    "Residuals whose actual fell inside the interval (covered=true) or not.",
+    ["model", "stage", "horizon", "covered"],
+    registry=REGISTRY,
+)
+ONLINE_MAE = Gauge(
+    "forecast_online_mae",
+    "Exponentially weighted absolute error per sensor, model and horizon step.",
+    ["sensor_id", "model", "horizon"],
+    registry=REGISTRY,
+)
+ONLINE_COVERAGE = Gauge(
+    "forecast_online_coverage",
+    "Exponentially weighted interval coverage per sensor, model and horizon step.",
+    ["sensor_id", "model", "horizon"],
+    registry=REGISTRY,
+)
+DRIFT_EVENTS = Counter(
+    "forecast_drift_events",
+    "Drift events, by detector and signal.",
+    ["detector", "signal"],
+    registry=REGISTRY,
+)
+RETRAINS = Counter(
+    "forecast_retrain_decisions",
+    "Steps of the retraining loop, by action (triggered, trained, failed, promoted, kept).",
+    ["action"],
+    registry=REGISTRY,
+)
+CONSUMER_LAG = Gauge(
+    "forecast_consumer_lag",
+    "Records behind the partition's end after the latest batch (highwater - next offset).",
+    ["topic", "partition"],
+    registry=REGISTRY,
+)
+EVENT_TO_PREDICTION = Histogram(
+    "forecast_event_to_prediction_seconds",
+    "From a record's Kafka timestamp to the publication of its batch's predictions.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+SINK_FLUSH_SECONDS = Histogram(
+    "forecast_sink_flush_seconds",
+    "Time to store one batch in ClickHouse (every table, retries included).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
 SINK_ROWS = Counter("forecast_sink_rows", "Rows stored, by table.", ["table"], registry=REGISTRY)
 SINK_ERRORS = Counter("forecast_sink_errors", "Failed store writes (retried).", registry=REGISTRY)
 WS_CONNECTIONS = Gauge("forecast_ws_connections", "Open websocket connections.", registry=REGISTRY)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
 
+from forecast import tracing
 from forecast.errors import ForecastError
 from forecast.settings import Settings
 from gateway.auth import Authenticator, JwtVerifier, KeyStore
@@ -25,6 +26,7 @@ from gateway.http import ApiContext, HttpServer, create_app
 from gateway.hub import Hub
 from gateway.ws import StreamServer
 from models.registry import Registry
+from models.retrain import Retrainer
 from models.serving import ModelWatcher, pick_device
 from sinks import owner
 from sinks.clickhouse import Store
@@ -67,6 +69,12 @@ async def run(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
     async with contextlib.AsyncExitStack() as stack:
+        service = (
+            "up" if parts.worker and parts.gateway else "worker" if parts.worker else "gateway"
+        )
+        if tracing.setup(service):
+            stack.callback(tracing.shutdown)
+            announce("tracing:   on (OTEL_TRACES_EXPORTER)")
         if settings.kafka_bootstrap is None:
             broker = await stack.enter_async_context(EmbeddedBroker(settings.broker_port))
             bootstrap = broker.bootstrap
@@ -101,6 +109,12 @@ async def run(
             stack.push_async_callback(worker.stop)
             watching = asyncio.create_task(watcher.run(), name="model-watcher")
             stack.push_async_callback(_cancel, watching)
+            if settings.retrain:
+                retrainer = Retrainer(settings, ctx.store, Registry(settings.models_dir))
+                worker.on_drift = retrainer.notice
+                comparing = asyncio.create_task(retrainer.run(), name="retrain-compare")
+                stack.push_async_callback(_cancel, comparing)
+                stack.push_async_callback(retrainer.stop)
             ctx.checks["model"] = _true
         if parts.gateway:
             hub = Hub(settings.replay_buffer)

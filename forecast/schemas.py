@@ -49,6 +49,29 @@ class Prediction:
         }
 
 
+@dataclass(slots=True, frozen=True)
+class DriftEvent:
+    sensor_id: str
+    ts: float
+    detector: str
+    signal: str
+    model: str
+    model_version: int
+    detail: dict = field(default_factory=dict)
+
+    def to_message(self) -> dict:
+        return {
+            "type": "drift",
+            "sensor_id": self.sensor_id,
+            "ts": iso(self.ts),
+            "detector": self.detector,
+            "signal": self.signal,
+            "model": self.model,
+            "model_version": self.model_version,
+            "detail": self.detail,
+        }
+
+
 def iso(ts: float) -> str:
     """RFC 3339 UTC with millisecond precision, e.g. ``2016-07-01T00:00:00.000Z``."""
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

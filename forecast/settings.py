@@ -63,12 +63,48 @@ class Settings(BaseSettings):
     season: int = Field(24, ge=1, le=10_000)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="inference device")
 
+    residual_horizons: str = Field("1,6,24", description="forecast steps scored online")
+
+    # Drift and the retraining loop
+    drift_detectors: str = Field("adwin,page_hinkley", description="adwin, page_hinkley, kswin")
+    drift_adwin_delta: float = Field(0.002, gt=0, lt=1)
+    drift_ph_threshold: float = Field(100.0, gt=0)
+    drift_ks_alpha: float = Field(1e-5, gt=0, lt=1)
+    drift_reference: int = Field(168, ge=2, description="readings of a sensor's reference")
+    drift_cooldown: int = Field(24, ge=0, description="readings between events per detector")
+    retrain: bool = Field(True, description="retrain on drift (needs a production model)")
+    retrain_sensors: int = Field(3, ge=1, description="drifting sensors that trigger")
+    retrain_window: float = Field(3600.0, gt=0, description="seconds they must fall within")
+    retrain_cooldown: float = Field(3600.0, ge=0, description="seconds between retrainings")
+    retrain_history: float = Field(30 * 86_400.0, gt=0, description="seconds of data to train")
+    retrain_epochs: int = Field(5, ge=0)
+    compare_residuals: int = Field(500, ge=1, description="residuals each model needs")
+    compare_margin: float = Field(0.02, ge=0, lt=1, description="relative MAE gain to promote")
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("residual_horizons")
+    @classmethod
+    def _horizons(cls, value: str) -> str:
+        steps = [h.strip() for h in value.split(",") if h.strip()]
+        if not steps or not all(h.isdigit() and int(h) >= 1 for h in steps):
+            raise ValueError("expected comma-separated steps >= 1, e.g. 1,6,24")
+        return value
+
+    @field_validator("drift_detectors")
+    @classmethod
+    def _detectors(cls, value: str) -> str:
+        from streams.drift import SIGNALS
+
+        unknown = {d.strip() for d in value.split(",") if d.strip()} - set(SIGNALS)
+        if unknown:
+            raise ValueError(f"unknown detectors {sorted(unknown)}; known: {sorted(SIGNALS)}")
+        return value
 
     @field_validator("rate_http", "rate_ws_connect", "rate_ws_messages")
     @classmethod
@@ -111,6 +147,23 @@ class Settings(BaseSettings):
     @cached_property
     def sensor_patterns(self) -> tuple[str, ...]:
         return tuple(p.strip() for p in self.sensor_allow.split(",") if p.strip())
+
+    @cached_property
+    def horizons(self) -> tuple[int, ...]:
+        return tuple(sorted({int(h) for h in self.residual_horizons.split(",") if h.strip()}))
+
+    def drift_config(self):
+        """The drift detectors' configuration (streams.drift.DriftConfig)."""
+        from streams.drift import DriftConfig
+
+        return DriftConfig(
+            detectors=tuple(d.strip() for d in self.drift_detectors.split(",") if d.strip()),
+            adwin_delta=self.drift_adwin_delta,
+            ph_threshold=self.drift_ph_threshold,
+            ks_alpha=self.drift_ks_alpha,
+            reference=self.drift_reference,
+            cooldown=self.drift_cooldown,
+        )
 
     @property
     def models_dir(self) -> Path:

@@ -10,8 +10,11 @@ import logging
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
+from opentelemetry.trace import SpanKind
 
+from forecast import tracing
 from forecast.settings import Settings
+from forecast.tracing import TRACER
 from gateway.hub import Hub
 
 log = logging.getLogger(__name__)
@@ -70,8 +73,17 @@ class Feed:
             for tp, records in batches.items():
                 for start in range(0, len(records), ROUTE_CHUNK):
                     for record in records[start : start + ROUTE_CHUNK]:
-                        self._route(tp.topic, record.value)
+                        self._traced_route(tp.topic, record.value, record.headers)
                     await asyncio.sleep(0)  # let the subscribers' senders drain
+
+    def _traced_route(self, topic: str, value: bytes | None, headers) -> None:
+        """Route a record; inside a delivery span continuing the worker's trace, if any."""
+        context = tracing.extract(headers)
+        if context is None:
+            self._route(topic, value)
+            return
+        with TRACER.start_as_current_span("deliver", context=context, kind=SpanKind.CONSUMER):
+            self._route(topic, value)
 
     def _route(self, topic: str, value: bytes | None) -> None:
         try:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import math
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -26,8 +28,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from forecast import metrics
+from forecast import logs, metrics
 from forecast.errors import AuthError, ForecastError, ModelError, QueryError, StoreError
+from forecast.schemas import iso
 from gateway.auth import Authenticator, Principal, bearer
 from gateway.history import forecast_history
 from gateway.hub import Hub
@@ -38,6 +41,8 @@ from sinks.clickhouse import Store
 from sinks.export import MEDIA_TYPES, ExportRequest, export
 from sinks.query import run_readonly
 from streams.validate import Invalid, parse_time
+
+log = logging.getLogger(__name__)
 
 MAX_QUERY_ROWS = 10_000
 T = TypeVar("T")
@@ -195,6 +200,33 @@ def create_app(
             return error(404, "no_importances", f"{name} v{version} ({meta['kind']}) has none")
         return JSONResponse({"name": name, "version": version, **meta["importances"]})
 
+    async def decisions(request: Request) -> Response:
+        principal(request)
+        store = _need(ctx.store, "the store")
+        try:
+            limit = int(request.query_params.get("limit", "100"))
+        except ValueError:
+            return error(400, "bad_request", "limit must be an integer")
+        if not 0 < limit <= 10_000:
+            return error(400, "bad_request", "limit must be 1..10000")
+        rows = await asyncio.to_thread(
+            store.query,
+            "SELECT at, action, model, model_version, detail FROM forecast.model_decisions "
+            "ORDER BY at DESC LIMIT {limit:UInt32}",
+            {"limit": limit},
+        )
+        found = [
+            {
+                "at": iso(at.timestamp()),
+                "action": action,
+                "model": model,
+                "model_version": version,
+                "detail": orjson.loads(detail),
+            }
+            for at, action, model, version, detail in rows
+        ]
+        return JSONResponse({"decisions": found})
+
     async def rollback(request: Request) -> Response:
         principal(request, "operator")
         registry = _need(ctx.registry, "the model registry")
@@ -280,8 +312,22 @@ def create_app(
                     "too many requests; see Retry-After",
                     {"Retry-After": retry},
                 )
-        if response is None:
-            response = await call_next(request)
+        started = time.perf_counter()
+        bound = logs.REQUEST_ID.set(request_id)
+        try:
+            if response is None:
+                response = await call_next(request)
+            if request.url.path.startswith("/v1/"):
+                took = (time.perf_counter() - started) * 1000
+                log.info(
+                    "%s %s %d %.1f ms",
+                    request.method,
+                    request.url.path,
+                    response.status_code,
+                    took,
+                )
+        finally:
+            logs.REQUEST_ID.reset(bound)
         response.headers["X-Request-ID"] = request_id
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
@@ -319,6 +365,7 @@ def create_app(
             Route("/v1/models/rollback", rollback, methods=["POST"]),
             Route("/v1/models/{name}/{version}/promote", promote, methods=["POST"]),
             Route("/v1/models/{name}/{version}/importances", importances),
+            Route("/v1/decisions", decisions),
             Route("/v1/keys", keys, methods=["GET", "POST"]),
             Route("/v1/keys/{key_id}", revoke, methods=["DELETE"]),
             Route("/openapi.json", openapi),

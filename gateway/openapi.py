@@ -137,6 +137,20 @@ def spec() -> dict:
                     "responses": {**_json(OBJECT), **_errors(400, *GUARDED, 404)},
                 }
             },
+            "/v1/decisions": {
+                "get": {
+                    "summary": "Steps of the drift-to-retrain loop, newest first",
+                    "security": AUTH,
+                    "parameters": [
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 10000},
+                        }
+                    ],
+                    "responses": {**_json(OBJECT), **_errors(400, *GUARDED, 503)},
+                }
+            },
             "/v1/models/rollback": {
                 "post": {
                     "summary": "Return a stage to its previous version (operator)",

@@ -121,6 +121,16 @@ class Registry:
                 state["shadow"] = None  # the challenger won: it serves now
             self._write(state)
 
+    def retire(self, stage: str) -> None:
+        """Empty ``stage``; its version becomes archived (a shadow that lost)."""
+        with self._locked():
+            state = self.state()
+            current = state.get(stage)
+            if current:
+                state["history"].append({**current, "stage": stage, "until": time.time()})
+                state[stage] = None
+                self._write(state)
+
     def rollback(self, stage: str = "production") -> ModelRef:
         """Return ``stage`` to the version it had before the current one."""
         with self._locked():

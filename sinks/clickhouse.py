@@ -16,16 +16,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import clickhouse_connect
+import orjson
 from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError
 
 from forecast.errors import QueryError, StoreError
-from forecast.schemas import Prediction, Reading
+from forecast.schemas import DriftEvent, Prediction, Reading
 from forecast.settings import Settings
 from sinks.schema import DATABASE, migrations
 
 log = logging.getLogger(__name__)
 
 READING_COLUMNS = ["sensor_id", "ts", "value", "covariates", "ingested_at"]
+DRIFT_COLUMNS = ["sensor_id", "ts", "detector", "signal", "model", "model_version", "detail"]
+DECISION_COLUMNS = ["at", "action", "model", "model_version", "detail"]
 PREDICTION_COLUMNS = [
     "sensor_id",
     "ts",
@@ -118,7 +121,11 @@ class Store:
     # -- writes -------------------------------------------------------------------------
 
     def write_batch(
-        self, readings: Sequence[Reading], predictions: Sequence[Prediction], token: str
+        self,
+        readings: Sequence[Reading],
+        predictions: Sequence[Prediction],
+        token: str,
+        drift: Sequence[DriftEvent] = (),
     ) -> None:
         """Store one processed batch; ``token`` makes an identical retry a no-op."""
         now = datetime.now(UTC)
@@ -126,6 +133,13 @@ class Store:
             self.insert("readings", reading_columns(readings, now), READING_COLUMNS, token)
         if predictions:
             self.insert("predictions", prediction_columns(predictions), PREDICTION_COLUMNS, token)
+        if drift:
+            self.insert("drift_events", drift_columns(drift), DRIFT_COLUMNS, token)
+
+    def write_decision(self, action: str, model: str, version: int, detail: dict) -> None:
+        """One step of the retraining loop (trigger, training, comparison, promotion)."""
+        row = [datetime.now(UTC), action, model, version, orjson.dumps(detail).decode()]
+        self.insert("model_decisions", [row], DECISION_COLUMNS, column_oriented=False)
 
     def insert(
         self,
@@ -205,6 +219,18 @@ def reading_columns(readings: Sequence[Reading], now: datetime) -> list[list]:
         [r.value for r in readings],
         [r.covariates for r in readings],
         [now] * len(readings),
+    ]
+
+
+def drift_columns(events: Sequence[DriftEvent]) -> list[list]:
+    return [
+        [e.sensor_id for e in events],
+        [_dt(e.ts) for e in events],
+        [e.detector for e in events],
+        [e.signal for e in events],
+        [e.model for e in events],
+        [e.model_version for e in events],
+        [orjson.dumps(e.detail).decode() for e in events],
     ]
 
 

@@ -111,4 +111,19 @@ def migrations(retention_days: int) -> list[tuple[int, str, list[str]]]:
                 ADD COLUMN IF NOT EXISTS stage LowCardinality(String) DEFAULT 'production'""",
             ],
         ),
+        (
+            5,
+            "model_decisions: every step of the drift-to-retrain loop",
+            [
+                f"""CREATE TABLE IF NOT EXISTS {DATABASE}.model_decisions (
+                    at DateTime64(3, 'UTC'),
+                    action LowCardinality(String),
+                    model LowCardinality(String),
+                    model_version UInt32,
+                    detail String
+                ) ENGINE = ReplacingMergeTree
+                PARTITION BY toYYYYMM(at) ORDER BY (at, action, model, model_version)
+                {settings}""",
+            ],
+        ),
     ]

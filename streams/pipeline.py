@@ -23,9 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from forecast import metrics
-from forecast.schemas import Prediction, Reading
+from forecast.schemas import DriftEvent, Prediction, Reading
+from forecast.tracing import TRACER
 from models.base import NOT_DUE, Interval, NotDue, StreamingForecaster, is_finite
 from models.baseline import SeasonalNaive
+from streams.drift import DriftMonitor
+from streams.residuals import Residual, ResidualTracker
 from streams.state import SensorState
 from streams.validate import Limits, Rejection, parse_record
 
@@ -61,6 +64,8 @@ class BatchResult:
     rejected: list[tuple[RawRecord, Rejection]] = field(default_factory=list)
     touched: dict[str, tuple[int, SensorState]] = field(default_factory=dict)
     late: list[tuple[Reading, SensorState]] = field(default_factory=list)  # to correct
+    residuals: list[Residual] = field(default_factory=list)
+    drift: list[DriftEvent] = field(default_factory=list)
     outcomes: Counter = field(default_factory=Counter)  # accepted, out_of_order, duplicate
     fallbacks: Counter = field(default_factory=Counter)  # warming_up, failed
 
@@ -75,28 +80,36 @@ class BatchProcessor:
         allowed_lateness: float,
         load_state: Callable[[str], SensorState | None],
         clock: Callable[[], float] = time.time,
+        tracker: ResidualTracker | None = None,
+        drift: DriftMonitor | None = None,
     ) -> None:
         self.models = models
         self.limits = limits
         self.allowed_lateness = allowed_lateness
         self.load_state = load_state
         self.clock = clock
+        self.tracker = tracker or ResidualTracker()
+        self.drift = drift
 
     def process(self, records: list[RawRecord]) -> BatchResult:
         result = BatchResult()
         now = self.clock()
         accepted: list[tuple[Reading, SensorState, float | None]] = []
-        for record in records:
-            readings, rejections = parse_record(record.value, self.limits, now)
-            result.rejected.extend((record, rejection) for rejection in rejections)
-            for reading in readings:
-                state = self._admit(record, reading, result)
-                if state is not None:  # the step as of this reading (later ones move it)
-                    accepted.append((reading, state, state.step))
+        with TRACER.start_as_current_span("ingest") as span:
+            for record in records:
+                readings, rejections = parse_record(record.value, self.limits, now)
+                result.rejected.extend((record, rejection) for rejection in rejections)
+                for reading in readings:
+                    state = self._admit(record, reading, result)
+                    if state is not None:  # the step as of this reading (later ones move it)
+                        accepted.append((reading, state, state.step))
+            span.set_attribute("readings.accepted", len(accepted))
+            span.set_attribute("readings.rejected", len(result.rejected))
         if accepted:
             self._forecast(accepted, result, now)
         if result.late:
-            self._correct(result)
+            with TRACER.start_as_current_span("features.corrections"):
+                self._correct(result)
         return result
 
     def _admit(
@@ -142,10 +155,28 @@ class BatchProcessor:
         main, failed = _run(models.production, accepted) if models.production else (None, False)
         shadow, _ = _run(models.shadow, accepted) if models.shadow else (None, False)
         serving = {state_key(m) for m in models.serving()}
+        scored = {state_key(m) for m in (models.production, models.shadow) if m}
         for _, state in result.touched.values():  # once per sensor, not per reading
             for stale in state.models.keys() - serving:
                 del state.models[stale]  # a model that no longer serves
+            self.tracker.prune(state.residuals, scored | {state_key(models.baseline)})
+        with TRACER.start_as_current_span("features"):  # residuals, drift, predictions
+            self._assemble(accepted, models, base, main, failed, shadow, result, now)
+
+    def _assemble(
+        self,
+        accepted: list[tuple[Reading, SensorState, float | None]],
+        models: ModelSet,
+        base: list,
+        main: list | None,
+        failed: bool,
+        shadow: list | None,
+        result: BatchResult,
+        now: float,
+    ) -> None:
+        """Per reading, in order: score residuals and drift, then make its predictions."""
         for i, (reading, state, step) in enumerate(accepted):
+            self._score(reading, state, result)
             if step is None:
                 continue  # the step needs two readings
             if main is None or main[i] is not NOT_DUE:  # a cadence skips readings
@@ -154,32 +185,40 @@ class BatchProcessor:
                 )
                 if forecaster is not None:
                     state.seq += 1
-                    result.predictions.append(
-                        Prediction(
-                            reading.sensor_id,
-                            reading.ts,
-                            now,
-                            forecaster.name,
-                            forecaster.version,
-                            step,
-                            *chosen,
-                            state.seq,
-                        )
-                    )
-            if shadow is not None and _usable(shadow[i]):
-                result.shadow.append(
-                    Prediction(
+                    made = Prediction(
                         reading.sensor_id,
                         reading.ts,
                         now,
-                        models.shadow.name,
-                        models.shadow.version,
+                        forecaster.name,
+                        forecaster.version,
                         step,
-                        *shadow[i],
+                        *chosen,
                         state.seq,
-                        "shadow",
                     )
+                    result.predictions.append(made)
+                    self.tracker.expect(state.residuals, made)
+            if shadow is not None and _usable(shadow[i]):
+                made = Prediction(
+                    reading.sensor_id,
+                    reading.ts,
+                    now,
+                    models.shadow.name,
+                    models.shadow.version,
+                    step,
+                    *shadow[i],
+                    state.seq,
+                    "shadow",
                 )
+                result.shadow.append(made)
+                self.tracker.expect(state.residuals, made)
+
+    def _score(self, reading: Reading, state: SensorState, result: BatchResult) -> None:
+        """Residuals the reading completes, and what the drift detectors make of them."""
+        done = self.tracker.observe(state.residuals, reading.sensor_id, reading.ts, reading.value)
+        result.residuals += done
+        if self.drift is not None:
+            one_step = [r for r in done if r.horizon == 1 and r.stage == "production"]
+            result.drift += self.drift.observe(reading, one_step[0] if one_step else None)
 
 
 def _choose(
@@ -222,16 +261,18 @@ def _run(
             own = state.models[key] = forecaster.init_state()
         states.append(own)
     started = time.perf_counter()
-    try:
-        forecasts = forecaster.step(
-            [
-                (own, reading.value, reading.ts)
-                for own, (reading, _, _) in zip(states, accepted, strict=True)
-            ]
-        )
-    except Exception:  # a model bug must not stop the stream: fall back and count it
-        log.exception("forecaster %s v%s failed", forecaster.name, forecaster.version)
-        return [None] * len(accepted), True
+    attributes = {"model": forecaster.name, "model.version": forecaster.version}
+    with TRACER.start_as_current_span("inference", attributes=attributes):
+        try:
+            forecasts = forecaster.step(
+                [
+                    (own, reading.value, reading.ts)
+                    for own, (reading, _, _) in zip(states, accepted, strict=True)
+                ]
+            )
+        except Exception:  # a model bug must not stop the stream: fall back and count it
+            log.exception("forecaster %s v%s failed", forecaster.name, forecaster.version)
+            return [None] * len(accepted), True
     metrics.INFERENCE_SECONDS.labels(forecaster.name).observe(time.perf_counter() - started)
     metrics.INFERENCE_READINGS.labels(forecaster.name).observe(len(accepted))
     return forecasts, False

@@ -19,6 +19,7 @@ class SensorState:
     seq: int = 0  # sequence number of the latest published prediction
     models: dict[str, dict] = field(default_factory=dict)  # forecaster name -> its state
     recent: list[float] = field(default_factory=list)  # times of the latest readings
+    residuals: dict[str, dict] = field(default_factory=dict)  # model -> waiting steps
 
     def to_bytes(self) -> bytes:
         """A snapshot as JSON (live objects in model states serialise by ``to_json``)."""
@@ -28,13 +29,21 @@ class SensorState:
             "seq": self.seq,
             "models": self.models,
             "recent": self.recent,
+            "residuals": self.residuals,
         }
         return orjson.dumps(doc, default=_plain, option=orjson.OPT_SERIALIZE_NUMPY)
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> SensorState:
         doc = orjson.loads(raw)
-        return cls(doc["last_ts"], doc["step"], doc["seq"], doc["models"], doc.get("recent", []))
+        return cls(
+            doc["last_ts"],
+            doc["step"],
+            doc["seq"],
+            doc["models"],
+            doc.get("recent", []),
+            doc.get("residuals", {}),
+        )
 
     def observe(self, ts: float) -> None:
         """Advance event time to ``ts`` (newer than ``last_ts``)."""

@@ -34,14 +34,20 @@ import orjson
 from aiokafka.errors import KafkaError
 from faust.exceptions import ProducerSendError
 from faust.types import EventT
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanKind
 from prometheus_client import Counter as PromCounter
 from yarl import URL
 
-from forecast import metrics
+from forecast import metrics, tracing
 from forecast.errors import StoreError
+from forecast.schemas import DriftEvent
 from forecast.settings import Settings
+from forecast.tracing import TRACER
 from sinks.clickhouse import Store, batch_token
+from streams.drift import DriftMonitor
 from streams.pipeline import BatchProcessor, BatchResult, ModelSet, RawRecord
+from streams.residuals import ResidualTracker
 from streams.state import SensorState
 from streams.transport import Transport
 from streams.validate import Limits, Rejection
@@ -115,7 +121,10 @@ class Worker:
             ),
             settings.allowed_lateness,
             self._load_state,
+            tracker=ResidualTracker(settings.horizons),
+            drift=DriftMonitor(settings.drift_config()),
         )
+        self.on_drift: Callable[[list[DriftEvent]], None] | None = None  # the retrain loop
         self.readings_topic = self.app.topic(
             settings.topic("readings"),
             key_type=bytes,
@@ -155,43 +164,69 @@ class Worker:
 
     async def handle(self, events: Sequence[EventT]) -> BatchResult:
         """Process, store and publish one batch; returns once all of it is durable."""
-        records = [
-            RawRecord(m.topic, m.partition, m.offset, m.key, m.value)
-            for m in (event.message for event in events)
-        ]
-        result = self.processor.process(records)
-        token = batch_token((r.topic, r.partition, r.offset) for r in records)
-        await self._store(result, token)
-        await self._publish(result)
+        messages = [event.message for event in events]
+        records = [RawRecord(m.topic, m.partition, m.offset, m.key, m.value) for m in messages]
+        with TRACER.start_as_current_span(
+            "batch", kind=SpanKind.CONSUMER, links=_links(messages)
+        ) as span:
+            span.set_attribute("messaging.batch.message_count", len(records))
+            result = self.processor.process(records)
+            token = batch_token((r.topic, r.partition, r.offset) for r in records)
+            with TRACER.start_as_current_span("sink"):
+                started = time.perf_counter()
+                await self._store(result, token)
+                metrics.SINK_FLUSH_SECONDS.observe(time.perf_counter() - started)
+            with TRACER.start_as_current_span("publish", kind=SpanKind.PRODUCER):
+                await self._publish(result, tracing.inject())
+        published = time.time()
+        for message in messages:
+            metrics.EVENT_TO_PREDICTION.observe(max(0.0, published - message.timestamp))
+        self._export_lag(messages)
         for sensor_id, (partition, state) in result.touched.items():
             self.cache[sensor_id] = state
             self.table.put(partition, sensor_id, state.to_bytes())  # a snapshot
         self._count(result)
+        if result.drift and self.on_drift is not None:
+            self.on_drift(result.drift)
         return result
 
     async def _store(self, result: BatchResult, token: str) -> None:
         def write() -> Awaitable[None]:
             return asyncio.to_thread(
-                self.store.write_batch, result.readings, result.predictions + result.shadow, token
+                self.store.write_batch,
+                result.readings,
+                result.predictions + result.shadow,
+                token,
+                result.drift,
             )
 
         await with_backoff(
             write, lambda exc: isinstance(exc, StoreError), "store write", metrics.SINK_ERRORS
         )
 
-    async def _publish(self, result: BatchResult) -> None:
+    async def _publish(self, result: BatchResult, headers: list[tuple[str, bytes]]) -> None:
+        trace_headers = headers or None
         messages = [
             (
                 self.settings.topic("predictions"),
                 p.sensor_id.encode(),
                 orjson.dumps(p.to_message()),
-                None,
+                trace_headers,
             )
             for p in result.predictions
         ]
         messages += [
             dead_letter(self.settings.topic("readings.dlq"), record, rejection)
             for record, rejection in result.rejected
+        ]
+        messages += [
+            (
+                self.settings.topic("drift-events"),
+                event.sensor_id.encode(),
+                orjson.dumps(event.to_message()),
+                trace_headers,
+            )
+            for event in result.drift
         ]
         if not messages:
             return
@@ -205,6 +240,20 @@ class Worker:
 
         await with_backoff(send, _retriable_send, "publish")
 
+    def _export_lag(self, messages: Sequence) -> None:
+        last = {m.tp: m.offset for m in messages}  # the batch is in order per partition
+        for tp, offset in last.items():
+            highwater = self._highwater(tp)
+            if highwater is not None:
+                lag = max(0, highwater - offset - 1)
+                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
+
+    def _highwater(self, tp) -> int | None:
+        try:
+            return self.app.consumer.highwater(tp)
+        except (AssertionError, KeyError):  # not assigned (a rebalance): next batch
+            return None
+
     def _count(self, result: BatchResult) -> None:
         for outcome, count in result.outcomes.items():
             if outcome == "forecast_failed":
@@ -213,6 +262,20 @@ class Worker:
                 metrics.READINGS.labels(outcome, "").inc(count)
         for _, rejection in result.rejected:
             metrics.READINGS.labels("rejected", rejection.reason).inc()
+        for r in result.residuals:
+            horizon = str(r.horizon)
+            metrics.RESIDUAL_ERRORS.labels(r.model, r.stage, horizon).observe(abs(r.error))
+            covered = "true" if r.covered else "false"
+            metrics.RESIDUAL_COVERED.labels(r.model, r.stage, horizon, covered).inc()
+        for event in result.drift:
+            metrics.DRIFT_EVENTS.labels(event.detector, event.signal).inc()
+        if result.residuals:
+            for sensor_id, (_, state) in result.touched.items():
+                for model, _, horizon, mae, coverage in self.processor.tracker.online(
+                    state.residuals
+                ):
+                    metrics.ONLINE_MAE.labels(sensor_id, model, horizon).set(mae)
+                    metrics.ONLINE_COVERAGE.labels(sensor_id, model, horizon).set(coverage)
         for reason, count in result.fallbacks.items():
             metrics.FALLBACKS.labels(reason).inc(count)
         for model, count in Counter(p.model for p in result.predictions).items():
@@ -279,3 +342,18 @@ def dead_letter(
         headers.append(("dlq.original_size", str(len(value)).encode()))
         value = value[:DLQ_MAX_VALUE]
     return topic, record.key, value, headers
+
+
+def _links(messages: Sequence) -> list[Link]:
+    """Links to the traces of the readings' producers (at most 32 per batch)."""
+    links = []
+    for message in messages:
+        headers = message.headers or ()
+        context = tracing.extract(headers.items() if isinstance(headers, dict) else headers)
+        if context is not None:
+            span_context = trace.get_current_span(context).get_span_context()
+            if span_context.is_valid:
+                links.append(Link(span_context))
+                if len(links) == 32:
+                    break
+    return links

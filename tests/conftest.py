@@ -149,3 +149,21 @@ def tiny_tft(short_csv: Path):
     from models.fit import configure, fit
 
     return fit("tft", load_wide_csv(short_csv), configure("tft", **TINY_TFT))
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    env = base_env(tmp_path_factory.mktemp("broker"))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "forecast", "broker"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    first = process.stdout.readline()
+    address = re.search(r"kafka: (\S+)", first).group(1)
+    yield address
+    process.send_signal(signal.SIGINT)
+    process.wait(20)
+    process.stdout.close()

@@ -74,6 +74,7 @@ def test_query_opens_the_embedded_store_when_nothing_runs(tmp_path: Path) -> Non
         "drift_events",
         "drift_timeline",
         "forecast_errors",
+        "model_decisions",
         "model_leaderboard",
         "predictions",
         "readings",

@@ -4,12 +4,10 @@ uninterrupted run: none lost, none different, none visible twice."""
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,24 +17,6 @@ from tests.conftest import ETTH1, System, base_env, start_system
 pytestmark = pytest.mark.integration
 
 ROWS = 400
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    env = base_env(tmp_path_factory.mktemp("broker"))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "forecast", "broker"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    first = process.stdout.readline()
-    address = re.search(r"kafka: (\S+)", first).group(1)
-    yield address
-    process.send_signal(signal.SIGINT)
-    process.wait(20)
-    process.stdout.close()
 
 
 def predictions(system: System) -> list[dict]:

@@ -77,12 +77,12 @@ def test_the_same_batch_twice_is_stored_once(store: Store) -> None:
 
 
 def test_migrations_are_versioned_and_idempotent(store: Store) -> None:
-    assert store.migrate(365) == 4
+    assert store.migrate(365) == 5
     versions = [
         row[0]
         for row in store.query("SELECT version FROM forecast.schema_migrations ORDER BY version")
     ]
-    assert versions == [1, 2, 3, 4]
+    assert versions == [1, 2, 3, 4, 5]
 
 
 def test_analyst_queries_are_read_only_bounded_and_leave_the_sink_writable(store: Store) -> None:

@@ -1,0 +1,240 @@
+"""The closed loop: drift → retrain in the background → shadow → compare → promote or not.
+
+Policy: when drift events (residual or level) come from at least ``retrain_sensors``
+distinct sensors within ``retrain_window`` seconds of sensor time (so a replay at any
+speed behaves like the live stream), and no retraining started in the last
+``retrain_cooldown`` seconds of wall time, the production model's kind and parameters are trained
+again on the latest ``retrain_history`` seconds (sensor time) of readings from
+ClickHouse. Training runs as a separate ``forecast train`` process at low priority, so
+the stream never waits for it; the new version enters as shadow. Shadow and production
+are then compared on the same live residuals (same sensors, times and steps, from the
+``forecast_errors`` view): once there are ``compare_residuals`` pairs, the shadow is
+promoted only if its MAE is lower by at least ``compare_margin``; otherwise it is
+retired. Each step is logged and stored in ``model_decisions``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from forecast import metrics
+from forecast.errors import ForecastError
+from forecast.schemas import DriftEvent
+from forecast.settings import Settings
+from models.registry import ModelRef, Registry
+from sinks.clickhouse import Store
+
+log = logging.getLogger(__name__)
+
+KINDS = {"linear-lstm": "lstm", "tft": "tft"}
+TRIGGERING = ("residual", "level")
+
+
+class Retrainer:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        registry: Registry,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.registry = registry
+        self.clock = clock
+        self.recent: dict[str, float] = {}  # sensor -> event time of its latest drift
+        self.last_run: float | None = None
+        self.training: asyncio.Task | None = None
+        self.candidate: tuple[ModelRef, ModelRef] | None = None  # (shadow, production)
+
+    # -- policy ------------------------------------------------------------------------
+
+    def notice(self, events: list[DriftEvent]) -> None:
+        """Called by the worker with each batch's drift events (never blocks). A batch
+        may span days of a replay: events count in their time order."""
+        for event in sorted(events, key=lambda e: e.ts):
+            if event.signal not in TRIGGERING:
+                continue
+            self.recent[event.sensor_id] = event.ts
+            horizon = event.ts - self.settings.retrain_window
+            self.recent = {s: t for s, t in self.recent.items() if t >= horizon}
+            now = self.clock()
+            if self._due(now):
+                sensors = sorted(self.recent)
+                self.recent.clear()
+                self.last_run = now
+                self.training = asyncio.get_running_loop().create_task(
+                    self.retrain(sensors), name="retrain"
+                )
+
+    def _due(self, now: float) -> bool:
+        if len(self.recent) < self.settings.retrain_sensors:
+            return False
+        if self.training is not None and not self.training.done():
+            return False
+        if self.candidate is not None:
+            return False  # a challenger is still being compared
+        cooling = self.last_run is not None and now - self.last_run < self.settings.retrain_cooldown
+        return not cooling
+
+    # -- retraining --------------------------------------------------------------------
+
+    async def retrain(self, sensors: list[str]) -> None:
+        decide = functools.partial(asyncio.to_thread, self._decide)
+        production = await asyncio.to_thread(self.registry.stage, "production")
+        if production is None:
+            await decide("skipped", "", 0, {"sensors": sensors, "why": "no production model"})
+            return
+        name = production.name
+        meta = await asyncio.to_thread(self.registry.meta, name, production.version)
+        await decide("triggered", name, production.version, {"sensors": sensors})
+        try:
+            data = await asyncio.to_thread(self._export)
+            version = await self._train(name, meta, data)
+        except ForecastError as exc:
+            await decide("failed", name, production.version, {"error": exc.message})
+            return
+        trained = await asyncio.to_thread(self.registry.meta, name, version)
+        detail = {"metrics": trained["metrics"], "rows": trained["data"]["rows"]}
+        await decide("trained", name, version, {**detail, "stage": "shadow"})
+        self.candidate = (ModelRef(name, version), production)
+
+    def _export(self) -> Path:
+        """The latest readings of every sensor as a wide CSV (time, one column each)."""
+        rows = self.store.query(
+            "SELECT ts, sensor_id, value FROM forecast.readings WHERE ts >= "
+            "(SELECT max(ts) FROM forecast.readings) - toIntervalSecond({history:UInt64}) "
+            "ORDER BY ts",
+            {"history": int(self.settings.retrain_history)},
+        )
+        if not rows:
+            raise ForecastError("no readings to retrain on")
+        frame = pd.DataFrame(rows, columns=["ts", "sensor_id", "value"])
+        wide = frame.pivot_table(index="ts", columns="sensor_id", values="value").dropna()
+        folder = self.settings.data_dir / "retrain"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"readings-{int(time.time())}.csv"
+        wide.to_csv(path, index_label="date")
+        return path
+
+    async def _train(self, name: str, meta: dict, data: Path) -> int:
+        params = meta["params"]
+        kind = KINDS[meta["kind"]]
+        args = [
+            "train",
+            "--data",
+            str(data),
+            "--model",
+            kind,
+            "--name",
+            name,
+            "--promote",
+            "shadow",
+            "--horizon",
+            str(params["horizon"]),
+            "--lookback",
+            str(params["lookback"]),
+            "--hidden",
+            str(params["hidden"]),
+            "--epochs",
+            str(self.settings.retrain_epochs),
+            "--seed",
+            str(params.get("seed", 0)),
+        ]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "forecast",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            preexec_fn=lambda: os.nice(10),  # the stream comes first
+        )
+        try:
+            out, err = await process.communicate()
+        except asyncio.CancelledError:
+            process.kill()
+            await process.wait()
+            raise
+        if process.returncode != 0:
+            tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise ForecastError(f"training exited {process.returncode}: {tail[0]}")
+        for line in out.decode().splitlines():
+            if line.startswith(f"registered {name} v"):
+                return int(line.rsplit("v", 1)[1])
+        raise ForecastError("training did not report a registered version")
+
+    async def stop(self) -> None:
+        """Stop a training still running (its process too); the stream is stopping."""
+        if self.training is not None and not self.training.done():
+            self.training.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.training
+
+    # -- comparison --------------------------------------------------------------------
+
+    async def run(self, interval: float = 2.0) -> None:
+        """Compare a challenger whenever there is one."""
+        while True:
+            await asyncio.sleep(interval)
+            if self.candidate is not None:
+                try:
+                    await asyncio.to_thread(self.compare)
+                except ForecastError as exc:
+                    log.warning("comparison postponed: %s", exc.message)
+
+    def compare(self) -> bool:
+        """Decide once both models have enough paired residuals; True if decided."""
+        assert self.candidate is not None
+        shadow, production = self.candidate
+        pairs, shadow_mae, production_mae = self.store.query(
+            """SELECT count(), avg(abs(s.error)), avg(abs(p.error)) FROM
+               (SELECT sensor_id, ts, horizon, error FROM forecast.forecast_errors
+                WHERE model = {sm:String} AND model_version = {sv:UInt32}) AS s
+               INNER JOIN
+               (SELECT sensor_id, ts, horizon, error FROM forecast.forecast_errors
+                WHERE model = {pm:String} AND model_version = {pv:UInt32}) AS p
+               USING (sensor_id, ts, horizon)""",
+            {
+                "sm": shadow.name,
+                "sv": shadow.version,
+                "pm": production.name,
+                "pv": production.version,
+            },
+        )[0]
+        if pairs < self.settings.compare_residuals:
+            return False
+        detail = {
+            "pairs": pairs,
+            "shadow_mae": round(shadow_mae, 6),
+            "production_mae": round(production_mae, 6),
+            "production_version": production.version,
+            "margin": self.settings.compare_margin,
+        }
+        self._decide("compared", shadow.name, shadow.version, detail)
+        if shadow_mae < production_mae * (1 - self.settings.compare_margin):
+            self.registry.promote(shadow.name, shadow.version, "production")
+            self._decide("promoted", shadow.name, shadow.version, detail)
+        else:
+            self.registry.retire("shadow")
+            self._decide("kept", production.name, production.version, detail)
+        self.candidate = None
+        return True
+
+    def _decide(self, action: str, model: str, version: int, detail: dict) -> None:
+        log.info("retraining loop: %s %s v%s", action, model, version, extra={"detail": detail})
+        metrics.RETRAINS.labels(action).inc()
+        try:
+            self.store.write_decision(action, model, version, detail)
+        except ForecastError as exc:  # the log line above keeps the decision
+            log.error("could not store the decision %s: %s", action, exc.message)

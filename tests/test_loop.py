@@ -1,0 +1,152 @@
+"""The closed loop, end to end: a shift is injected into a replayed stream, drift is
+detected (ClickHouse, websocket, metrics), a retrained version enters as shadow, is
+compared with production on live residuals and promoted."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+from websockets.asyncio.client import connect
+
+from models.registry import Registry
+from tests.conftest import ETTH1, System, base_env, run_cli, start_system
+
+pytestmark = pytest.mark.integration
+
+SHIFT_AT, FIRST, SECOND = 700, 1000, 800
+
+
+@pytest.fixture(scope="module")
+def shifted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ETTh1 with every channel shifted up by 6 standard deviations from row 700 on."""
+    frame = pd.read_csv(ETTH1, nrows=FIRST + SECOND)
+    values = frame.columns[1:]
+    frame.loc[SHIFT_AT:, values] += 6 * frame.loc[: SHIFT_AT - 1, values].std()
+    path = tmp_path_factory.mktemp("data") / "shifted.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def noise(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """White noise: a production model trained on it knows nothing of the real data."""
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(600, 7)), columns=[f"c{i}" for i in range(7)])
+    frame.insert(0, "date", pd.date_range("2016-01-01", periods=600, freq="h"))
+    path = tmp_path_factory.mktemp("data") / "noise.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def decisions(system: System) -> list[dict]:
+    response = httpx.get(
+        f"{system.http}/v1/decisions",
+        headers={"Authorization": f"Bearer {system.viewer_token}"},
+    )
+    assert response.status_code == 200, response.text
+    return response.json()["decisions"][::-1]  # oldest first
+
+
+def wait_for_action(system: System, action: str, within: float) -> list[dict]:
+    deadline = time.monotonic() + within
+    while True:
+        done = decisions(system)
+        if any(d["action"] == action for d in done):
+            return done
+        assert time.monotonic() < deadline, f"no {action!r} decision; so far: {done}"
+        assert not any(d["action"] == "failed" for d in done), done
+        time.sleep(1.0)
+
+
+async def replay_listening(system: System, *args: str) -> list[dict]:
+    """Replay while a websocket subscriber listens; the drift messages it got."""
+    got = []
+    async with connect(f"{system.ws}?token={system.viewer_token}") as ws:
+        await ws.send(json.dumps({"op": "subscribe", "sensors": ["shifted.*"]}))
+        replay = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "forecast",
+            "replay",
+            *args,
+            env={**system.env, "FORECAST_KAFKA_BOOTSTRAP": system.kafka},
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 120
+        quiet_after: float | None = None
+        while time.monotonic() < deadline:
+            if quiet_after is None and replay.returncode is not None:
+                quiet_after = time.monotonic() + 5  # what is still on its way
+            if quiet_after is not None and time.monotonic() > quiet_after:
+                break
+            try:
+                message = json.loads(await asyncio.wait_for(ws.recv(), 0.5))
+            except TimeoutError:
+                continue
+            if message["type"] == "drift":
+                got.append(message)
+        assert await replay.wait() == 0
+    return got
+
+
+def test_a_shift_is_detected_retrained_compared_and_promoted(
+    shifted: Path, noise: Path, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "loop"
+    model = ["--lookback", "48", "--horizon", "12", "--hidden", "8", "--epochs", "0"]
+    trained = run_cli(
+        "train", "--data", str(noise), *model, "--promote", "production", env=base_env(data_dir)
+    )
+    assert trained.returncode == 0, trained.stderr
+    system = start_system(
+        data_dir,
+        FORECAST_RETRAIN_SENSORS="5",
+        FORECAST_RETRAIN_WINDOW="21600",
+        FORECAST_RETRAIN_COOLDOWN="0",
+        FORECAST_RETRAIN_EPOCHS="1",
+        FORECAST_COMPARE_RESIDUALS="500",
+    )
+    try:
+        drift = asyncio.run(replay_listening(system, str(shifted), "--limit", str(FIRST)))
+        done = wait_for_action(system, "trained", within=120)
+        triggered = next(d for d in done if d["action"] == "triggered")
+        assert len(triggered["detail"]["sensors"]) >= 5
+        assert next(d for d in done if d["action"] == "trained")["model_version"] == 2
+        assert Registry(data_dir / "models").stage("shadow").version == 2
+
+        second = system.cli("replay", str(shifted), "--start", str(FIRST), "--limit", str(SECOND))
+        assert second.returncode == 0, second.stderr
+        done = wait_for_action(system, "promoted", within=120)
+        actions = [d["action"] for d in done]
+        assert actions[-4:] == ["triggered", "trained", "compared", "promoted"], actions
+        compared = done[-2]["detail"]
+        assert compared["pairs"] >= 500 and compared["shadow_mae"] < compared["production_mae"]
+        assert Registry(data_dir / "models").stage("production").version == 2
+
+        shift_ts = pd.read_csv(shifted, nrows=SHIFT_AT + 1).iloc[SHIFT_AT, 0]
+        rows = system.cli(
+            "query",
+            "SELECT count(DISTINCT sensor_id) AS sensors FROM forecast.drift_events "
+            f"WHERE ts >= toDateTime64('{shift_ts}', 3, 'UTC') "
+            f"AND ts < toDateTime64('{shift_ts}', 3, 'UTC') + INTERVAL 1 DAY",
+            "--format",
+            "json",
+        )
+        assert json.loads(rows.stdout)[0]["sensors"] >= 5, rows.stdout
+        assert drift and all(m["sensor_id"].startswith("shifted.") for m in drift)
+        assert {"detector", "signal", "model", "detail"} <= drift[0].keys()
+        metrics = httpx.get(f"{system.http}/metrics").text
+        assert 'forecast_retrain_decisions_total{action="promoted"} 1.0' in metrics
+        assert "forecast_drift_events_total" in metrics
+        assert 'forecast_online_mae{horizon="1",model="lstm",sensor_id="shifted.OT"}' in metrics
+    finally:
+        assert system.stop() == 0
