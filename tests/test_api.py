@@ -15,6 +15,7 @@ import orjson
 import pytest
 from websockets.asyncio.client import connect
 
+from models.registry import Registry
 from tests.conftest import ETTH1, System, base_env, run_cli, start_system
 
 pytestmark = pytest.mark.integration
@@ -184,3 +185,17 @@ async def test_openapi_describes_every_v1_route(api) -> None:
         paths = (await http.get("/openapi.json")).json()["paths"]
     assert {"/v1/sensors", "/v1/query", "/v1/export", "/v1/keys", "/v1/models"} <= set(paths)
     await asyncio.sleep(0)
+
+
+async def test_tft_importances_and_loop_decisions_over_http(api, tiny_tft) -> None:
+    system, _ = api
+    Registry(system.data_dir / "models").register("tft", tiny_tft.artifact, tiny_tft.meta)
+    async with httpx.AsyncClient(base_url=system.http) as http:
+        viewer = bearer(system.viewer_token)
+        got = (await http.get("/v1/models/tft/1/importances", headers=viewer)).json()
+        assert got["encoder"] == tiny_tft.meta["importances"]["encoder"]
+        assert set(got["decoder"]) == {"hour_sin", "hour_cos", "dow_sin", "dow_cos"}
+        lstm = await http.get("/v1/models/lstm/1/importances", headers=viewer)
+        assert (lstm.status_code, lstm.json()["error"]["code"]) == (404, "no_importances")
+        assert (await http.get("/v1/models/tft/1/importances")).status_code == 401
+        assert (await http.get("/v1/decisions", headers=viewer)).json() == {"decisions": []}

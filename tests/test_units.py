@@ -11,6 +11,7 @@ from forecast.errors import ConfigError, QueryRejected
 from forecast.settings import load_settings
 from gateway.auth import Principal
 from gateway.hub import Hub, Subscriber
+from models.base import NOT_DUE
 from models.baseline import SeasonalNaive
 from sinks.clickhouse import batch_token, prediction_columns
 from sinks.query import check_readonly
@@ -258,3 +259,35 @@ def test_settings_defaults_and_topics(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.http_port == 8000 and settings.ws_port == 8765
     assert settings.topic("readings") == "prod.readings"
     assert settings.sensor_patterns == ("ETTh1.*", "sim.*")
+
+
+class EveryOther:
+    """A stand-in model with a cadence of 2 (pure logic of the batch, no maths)."""
+
+    name, version, horizon = "every-other", 1, 3
+
+    def init_state(self) -> dict:
+        return {"n": 0}
+
+    def correct(self, state: dict, value: float, newer: int, replace: bool) -> None:
+        pass
+
+    def step(self, items):
+        out = []
+        for state, value, _ in items:
+            state["n"] += 1
+            out.append(
+                ([value] * 3, [value - 1] * 3, [value + 1] * 3) if state["n"] % 2 else NOT_DUE
+            )
+        return out
+
+
+def test_a_model_with_a_cadence_publishes_only_when_due() -> None:
+    models = ModelSet(SeasonalNaive(horizon=3, season=2), EveryOther())
+    work = BatchProcessor(lambda: models, Limits(), 3600.0, {}.get, clock=lambda: 2e9)
+    result = work.process([record(i, "s", 1e9 + 60 * i, float(i)) for i in range(7)])
+    assert [(p.model, p.ts) for p in result.predictions] == [
+        ("every-other", 1e9 + 60 * i) for i in (2, 4, 6)
+    ]
+    assert [p.seq for p in result.predictions] == [1, 2, 3]
+    assert not result.fallbacks
