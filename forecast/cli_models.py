@@ -343,6 +343,70 @@ def bench_drift(dataset: Path, detectors: str, injections: int, shift: float, sc
     )
 
 
+@command(bench, "throughput")
+@click.option("--readings", type=click.IntRange(1, 10_000_000), default=200_000, show_default=True)
+@click.option(
+    "--per-record",
+    type=click.IntRange(1, 10_000),
+    default=100,
+    show_default=True,
+    help="Readings per Kafka record (1 = one reading per record).",
+)
+@click.option("--sensors", type=click.IntRange(1, 1_000_000), default=1000, show_default=True)
+@click.option("--horizon", type=click.IntRange(1, 1000), default=24, show_default=True)
+def bench_throughput(readings: int, per_record: int, sensors: int, horizon: int) -> None:
+    """Readings/s through the worker, beside a plain Faust agent and a raw consumer."""
+    import asyncio
+
+    from streams.throughput_bench import throughput
+
+    _settings()
+    click.echo(f"producing {readings} readings ({per_record} per record)...", err=True)
+    r = asyncio.run(throughput(readings, per_record, sensors, horizon))
+    click.echo(
+        f"{r.readings} readings in {r.records} records over {sensors} sensors; "
+        f"each forecast {horizon} steps ahead"
+    )
+    engine = r.per_second(r.engine_seconds)
+    for label, seconds in (
+        ("raw aiokafka consumer (getmany + orjson)", r.raw_seconds),
+        ("plain Faust agent (decode each record)", r.faust_seconds),
+        ("engine worker (validate, forecast, ClickHouse, publish)", r.engine_seconds),
+    ):
+        rate = r.per_second(seconds)
+        click.echo(f"{label:<58}{rate:>12,.0f} readings/s  ({engine / rate:.2f}x)")
+    click.echo("the ratio column is the engine's rate over each row's rate")
+    click.echo(_machine())
+    click.echo(
+        f"command: forecast bench throughput --readings {readings} --per-record {per_record} "
+        f"--sensors {sensors} --horizon {horizon}"
+    )
+
+
+@command(bench, "latency")
+@click.option("--rate", type=click.FloatRange(1, 100_000), default=1000.0, show_default=True)
+@click.option("--sensors", type=click.IntRange(1, 1_000_000), default=1000, show_default=True)
+@click.option("--seconds", type=click.FloatRange(1, 3600), default=30.0, show_default=True)
+def bench_latency(rate: float, sensors: int, seconds: float) -> None:
+    """Reading produced to prediction received by a websocket subscriber."""
+    import asyncio
+
+    from streams.throughput_bench import latency
+
+    _settings()
+    click.echo(f"{rate:.0f} readings/s over {sensors} sensors for {seconds:.0f}s...", err=True)
+    r = asyncio.run(latency(rate, sensors, seconds))
+    click.echo(f"sent {r.sent} readings, {r.received} predictions received")
+    click.echo(
+        f"reading -> prediction at the subscriber: p50 {r.p50 * 1000:.1f} ms, "
+        f"p99 {r.p99 * 1000:.1f} ms, max {r.max * 1000:.1f} ms (budget: p99 < 50 ms)"
+    )
+    click.echo(_machine())
+    click.echo(
+        f"command: forecast bench latency --rate {rate:g} --sensors {sensors} --seconds {seconds:g}"
+    )
+
+
 @command(bench, "sink")
 @click.option("--batches", type=click.IntRange(1, 10_000), default=20, show_default=True)
 @click.option(

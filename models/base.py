@@ -55,4 +55,6 @@ def place(window: list, value: float, newer: int, replace: bool, limit: int) -> 
 
 
 def is_finite(result: Interval) -> bool:
-    return all(math.isfinite(x) for series in result for x in series)
+    """No NaN or infinity (a sum is NaN or infinite if any term is; it may also overflow
+    for finite values near 1e308, which no sensor forecast reaches)."""
+    return all(math.isfinite(sum(series)) for series in result)

@@ -26,6 +26,9 @@ class SeasonalNaive:
         self.horizon = horizon
         self.season = season
         self.alpha = alpha
+        # The interval's growth per step, and which value of a full season each step repeats.
+        self._widths = [Z_90 * math.sqrt(1 + (h - 1) // season) for h in range(1, horizon + 1)]
+        self._repeats = [(h - 1) % season for h in range(1, horizon + 1)]
 
     def init_state(self) -> dict:
         return {"history": [], "var": 0.0, "errors": 0}
@@ -56,14 +59,13 @@ class SeasonalNaive:
         if not history:
             return None
         sigma = math.sqrt(state["var"])
-        full = len(history) == self.season
-        yhat, lower, upper = [], [], []
-        for h in range(1, self.horizon + 1):
-            y = history[(h - 1) % self.season] if full else history[-1]
-            half = Z_90 * sigma * math.sqrt(1 + (h - 1) // self.season)
-            yhat.append(y)
-            lower.append(y - half)
-            upper.append(y + half)
+        if len(history) == self.season:
+            yhat = [history[i] for i in self._repeats]
+        else:
+            yhat = [history[-1]] * self.horizon
+        halves = [sigma * width for width in self._widths]
+        lower = [y - half for y, half in zip(yhat, halves, strict=True)]
+        upper = [y + half for y, half in zip(yhat, halves, strict=True)]
         return yhat, lower, upper
 
     def _one_step(self, history: list[float]) -> float:

@@ -32,10 +32,13 @@ def configure(kind: str, **options: object) -> TrainConfig | TFTConfig:
     default = {"lstm": TrainConfig, "tft": TFTConfig}[kind]()
     names = {f.name for f in fields(default)}
     given = {k: v for k, v in options.items() if v is not None}
-    foreign = sorted(set(given) - names)
+    foreign = sorted("--" + name.replace("_", "-") for name in set(given) - names)
     if foreign:
-        raise ConfigError(f"{kind} does not take: {', '.join(foreign)}")
-    return replace(default, **given)
+        raise ConfigError(f"{kind} does not take {', '.join(foreign)}")
+    config = replace(default, **given)
+    if kind == "tft" and config.epochs < 1:
+        raise ConfigError("tft needs --epochs 1 or more (it has no closed-form start)")
+    return config
 
 
 def fit(

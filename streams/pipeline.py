@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from forecast import metrics
 from forecast.schemas import DriftEvent, Prediction, Reading
@@ -54,6 +55,19 @@ class ModelSet:
 
     def serving(self) -> list[StreamingForecaster]:
         return [m for m in (self.baseline, self.production, self.shadow) if m is not None]
+
+
+Accepted = tuple[Reading, SensorState, float | None]  # reading, its sensor, step as of it
+Forecasts = list[Interval | NotDue | None]
+
+
+class Runs(NamedTuple):
+    """Each model's forecasts for the batch's accepted readings, in order."""
+
+    base: Forecasts
+    main: Forecasts | None
+    failed: bool  # the production model raised: the baseline serves
+    shadow: Forecasts | None
 
 
 @dataclass(slots=True)
@@ -94,7 +108,7 @@ class BatchProcessor:
     def process(self, records: list[RawRecord]) -> BatchResult:
         result = BatchResult()
         now = self.clock()
-        accepted: list[tuple[Reading, SensorState, float | None]] = []
+        accepted: list[Accepted] = []
         with TRACER.start_as_current_span("ingest") as span:
             for record in records:
                 readings, rejections = parse_record(record.value, self.limits, now)
@@ -147,13 +161,12 @@ class BatchProcessor:
                 if key in serving:
                     serving[key].correct(own, reading.value, *where)
 
-    def _forecast(
-        self, accepted: list[tuple[Reading, SensorState]], result: BatchResult, now: float
-    ) -> None:
+    def _forecast(self, accepted: list[Accepted], result: BatchResult, now: float) -> None:
         models = self.models()
         base, _ = _run(models.baseline, accepted)
         main, failed = _run(models.production, accepted) if models.production else (None, False)
         shadow, _ = _run(models.shadow, accepted) if models.shadow else (None, False)
+        runs = Runs(base, main, failed, shadow)
         serving = {state_key(m) for m in models.serving()}
         scored = {state_key(m) for m in (models.production, models.shadow) if m}
         for _, state in result.touched.values():  # once per sensor, not per reading
@@ -161,20 +174,18 @@ class BatchProcessor:
                 del state.models[stale]  # a model that no longer serves
             self.tracker.prune(state.residuals, scored | {state_key(models.baseline)})
         with TRACER.start_as_current_span("features"):  # residuals, drift, predictions
-            self._assemble(accepted, models, base, main, failed, shadow, result, now)
+            self._assemble(accepted, models, runs, result, now)
 
     def _assemble(
         self,
-        accepted: list[tuple[Reading, SensorState, float | None]],
+        accepted: list[Accepted],
         models: ModelSet,
-        base: list,
-        main: list | None,
-        failed: bool,
-        shadow: list | None,
+        runs: Runs,
         result: BatchResult,
         now: float,
     ) -> None:
         """Per reading, in order: score residuals and drift, then make its predictions."""
+        base, main, failed, shadow = runs
         for i, (reading, state, step) in enumerate(accepted):
             self._score(reading, state, result)
             if step is None:
@@ -250,7 +261,7 @@ def state_key(forecaster: StreamingForecaster) -> str:
 
 
 def _run(
-    forecaster: StreamingForecaster, accepted: list[tuple[Reading, SensorState, float | None]]
+    forecaster: StreamingForecaster, accepted: list[Accepted]
 ) -> tuple[list[Interval | NotDue | None], bool]:
     """One forecaster over the batch, and whether it failed (then the baseline serves)."""
     key = state_key(forecaster)

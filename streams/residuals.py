@@ -75,9 +75,13 @@ class ResidualTracker:
         for key, entry in book.items():
             name, version = key.rsplit("@", 1)
             for h, waiting in entry["pending"].items():
-                keep = []
+                # Steps wait in the order of their targets: only the front can be due.
+                done = 0
                 for target, yhat, lower, upper, tolerance in waiting:
-                    if abs(target - ts) <= tolerance:
+                    if target > ts + tolerance:
+                        break
+                    done += 1
+                    if target >= ts - tolerance:
                         made = Residual(
                             sensor_id,
                             name,
@@ -92,9 +96,7 @@ class ResidualTracker:
                         )
                         self._learn(entry, h, made)
                         out.append(made)
-                    elif target > ts:
-                        keep.append([target, yhat, lower, upper, tolerance])
-                waiting[:] = keep
+                del waiting[:done]
         return out
 
     def online(self, book: dict) -> list[tuple[str, int, str, float, float]]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 
 import faust
@@ -262,11 +262,16 @@ class Worker:
                 metrics.READINGS.labels(outcome, "").inc(count)
         for _, rejection in result.rejected:
             metrics.READINGS.labels("rejected", rejection.reason).inc()
-        for r in result.residuals:
-            horizon = str(r.horizon)
-            metrics.RESIDUAL_ERRORS.labels(r.model, r.stage, horizon).observe(abs(r.error))
-            covered = "true" if r.covered else "false"
-            metrics.RESIDUAL_COVERED.labels(r.model, r.stage, horizon, covered).inc()
+        scored: dict[tuple, list] = defaultdict(list)
+        for r in result.residuals:  # grouped: one label lookup per model, stage and step
+            scored[(r.model, r.stage, str(r.horizon))].append(r)
+        for labels, residuals in scored.items():
+            histogram = metrics.RESIDUAL_ERRORS.labels(*labels)
+            for r in residuals:
+                histogram.observe(abs(r.error))
+            hits = sum(r.covered for r in residuals)
+            metrics.RESIDUAL_COVERED.labels(*labels, "true").inc(hits)
+            metrics.RESIDUAL_COVERED.labels(*labels, "false").inc(len(residuals) - hits)
         for event in result.drift:
             metrics.DRIFT_EVENTS.labels(event.detector, event.signal).inc()
         if result.residuals:
