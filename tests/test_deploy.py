@@ -127,3 +127,20 @@ def test_dockerfile_is_multi_stage_non_root_with_a_health_check() -> None:
     health = next(line for line in lines if line.startswith("HEALTHCHECK"))
     assert "/healthz" in "\n".join(lines[lines.index(health) :])
     assert 'ENTRYPOINT ["forecast"]' in lines
+
+
+def test_exactly_one_worker_runs_the_retraining_loop() -> None:
+    def retrains(env: dict) -> bool:
+        return str(env.get("FORECAST_RETRAIN", "true")).lower() != "false"
+
+    looping = []
+    for doc in manifests():
+        if doc["kind"] == "Deployment":
+            (container,) = doc["spec"]["template"]["spec"]["containers"]
+            env = {e["name"]: e["value"] for e in container.get("env", [])}
+            if container["args"] == ["worker"] and retrains(env):
+                looping.append(doc["spec"]["replicas"])
+    assert looping == [1]
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    workers = [s for s in compose.values() if s.get("command") == ["worker"]]
+    assert sum(retrains(s["environment"]) for s in workers) == 1
