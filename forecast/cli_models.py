@@ -407,6 +407,48 @@ def bench_latency(rate: float, sensors: int, seconds: float) -> None:
     )
 
 
+@command(bench, "memory")
+@click.option("--sensors", type=click.IntRange(1, 1_000_000), default=10_000, show_default=True)
+@click.option(
+    "--minutes",
+    type=click.FloatRange(0, 1440),
+    default=5.0,
+    show_default=True,
+    help="How long to run after every window is full (the design asks for 30).",
+)
+@click.option("--tft-cadence", type=click.IntRange(1, 10_000), default=24, show_default=True)
+def bench_memory(sensors: int, minutes: float, tft_cadence: int) -> None:
+    """Resident memory holding state for many sensors, LSTM and TFT loaded."""
+    from streams.memory_bench import run
+
+    settings = _settings()
+    with click.progressbar(length=337, label="filling windows", file=sys.stderr) as bar:
+
+        def progress(rounds: int, mib: float) -> None:
+            bar.label = f"round {rounds}, {mib:.0f} MiB"
+            if rounds <= 337:
+                bar.update(1)
+
+        r = run(settings, sensors, minutes, tft_cadence, progress)
+    readings = r.rounds * sensors
+    click.echo(
+        f"{sensors} sensors x {r.rounds} readings ({readings / r.seconds:,.0f} readings/s), "
+        f"lstm (lookback 336) in production, tft (encoder 96, cadence {tft_cadence}) as shadow"
+    )
+    growth = r.final - r.filled
+    click.echo(
+        f"resident: {r.filled:.0f} MiB when every window was full, {r.final:.0f} MiB "
+        f"{(r.samples[-1][0] - r.samples[r.fill_index][0]) / 60:.1f} min later "
+        f"({growth:+.0f} MiB), peak {r.peak:.0f} MiB (budget: under 1536 MiB, flat)"
+    )
+    click.echo(f"state: {r.state_bytes / sensors / 1024:.1f} KiB per sensor as stored JSON")
+    click.echo(_machine())
+    click.echo(
+        f"command: forecast bench memory --sensors {sensors} --minutes {minutes:g} "
+        f"--tft-cadence {tft_cadence}"
+    )
+
+
 @command(bench, "sink")
 @click.option("--batches", type=click.IntRange(1, 10_000), default=20, show_default=True)
 @click.option(

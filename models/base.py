@@ -6,6 +6,8 @@ import enum
 import math
 from typing import Protocol
 
+import numpy as np
+
 Interval = tuple[list[float], list[float], list[float]]  # yhat, lower, upper
 Item = tuple[dict, float, float]  # per-sensor state, value, epoch seconds
 
@@ -52,6 +54,25 @@ def place(window: list, value: float, newer: int, replace: bool, limit: int) -> 
     window.insert(position, value)
     if len(window) > limit:
         del window[0]
+
+
+def slide(window: object, value: float, limit: int) -> np.ndarray:
+    """A window of the latest ``limit`` values with ``value`` appended, as a new float32
+    array (a state restored from JSON holds a list). Compact: a sensor's window costs 4
+    bytes a value, not the 32 of a list of Python floats."""
+    old = np.asarray(window, dtype=np.float32)
+    keep = old[-(limit - 1) :] if limit > 1 else old[:0]
+    out = np.empty(len(keep) + 1, dtype=np.float32)
+    out[:-1] = keep
+    out[-1] = value
+    return out
+
+
+def placed(window: object, value: float, newer: int, replace: bool, limit: int) -> np.ndarray:
+    """:func:`place` on a float32 window (or on its JSON list), as a new array."""
+    values = np.asarray(window, dtype=np.float32).tolist()
+    place(values, value, newer, replace, limit)
+    return np.asarray(values, dtype=np.float32)
 
 
 def is_finite(result: Interval) -> bool:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.base import Interval, place
+from models.base import Interval, placed, slide
 from models.data import calendar
 
 EPS = 1e-3
@@ -94,7 +94,7 @@ class LSTMForecaster:
 
     def correct(self, state: dict, value: float, newer: int, replace: bool) -> None:
         """The window takes the late value; the recurrent summary is not rewound."""
-        place(state["buf"], value, newer, replace, self.lookback)
+        state["buf"] = placed(state["buf"], value, newer, replace, self.lookback)
 
     def step(self, items: list[tuple[dict, float, float]]) -> list[Interval | None]:
         """Advance each (state, value, ts) in order; forecast once a window is full."""
@@ -108,10 +108,7 @@ class LSTMForecaster:
             ready = []
             for index in rounds[k]:
                 state, value, _ = items[index]
-                buf = state["buf"]
-                buf.append(value)
-                if len(buf) > self.lookback:
-                    del buf[0]
+                buf = state["buf"] = slide(state["buf"], value, self.lookback)
                 if len(buf) == self.lookback:
                     ready.append(index)
             if ready:
@@ -121,19 +118,26 @@ class LSTMForecaster:
     @torch.inference_mode()
     def _forecast(self, items: list, indexes: list[int], results: list) -> None:
         hidden = self.net.hidden
-        win = torch.tensor([s["buf"] for s, _, _ in items], dtype=torch.float32, device=self.device)
-        zeros = [0.0] * hidden
-        h = torch.tensor([s["h"] or zeros for s, _, _ in items], device=self.device)
-        c = torch.tensor([s["c"] or zeros for s, _, _ in items], device=self.device)
+        win = torch.from_numpy(np.stack([s["buf"] for s, _, _ in items])).to(self.device)
+        zeros = np.zeros(hidden, dtype=np.float32)
+        h = _stack([s["h"] for s, _, _ in items], zeros).to(self.device)
+        c = _stack([s["c"] for s, _, _ in items], zeros).to(self.device)
         ts = np.array([t for _, _, t in items])
         yhat, std, h, c = self.net.step(win, ts, h, c)
         half = std.unsqueeze(-1) * self.quantiles
         lower, upper = yhat - half, yhat + half
-        h_list, c_list = h.tolist(), c.tolist()
+        h_rows, c_rows = h.cpu().numpy(), c.cpu().numpy()
         y_list, lo_list, up_list = yhat.tolist(), lower.tolist(), upper.tolist()
         for j, (index, (state, _, _)) in enumerate(zip(indexes, items, strict=True)):
-            state["h"], state["c"] = h_list[j], c_list[j]
+            state["h"], state["c"] = h_rows[j].copy(), c_rows[j].copy()  # not views of the batch
             results[index] = (y_list[j], lo_list[j], up_list[j])
+
+
+def _stack(rows: list, zeros: np.ndarray) -> torch.Tensor:
+    """Recurrent states of a batch (a fresh sensor's is zeros; a restored one a list)."""
+    return torch.from_numpy(
+        np.stack([zeros if row is None else np.asarray(row, dtype=np.float32) for row in rows])
+    )
 
 
 def from_artifact(artifact: dict, version: int, device: str) -> LSTMForecaster:

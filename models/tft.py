@@ -383,10 +383,12 @@ class TFTForecaster:
             step, state["ts"] = ts - (state["ts"] or ts), ts
             if not np.isfinite(row).all():
                 continue  # warming up
-            rows = state["rows"]
-            rows.append(input_rows(np.array([value]), np.array([row]))[0].tolist())
-            if len(rows) > self.lookback:
-                del rows[0]
+            new = input_rows(np.array([value]), np.array([row])).astype(np.float32)
+            old = np.asarray(state["rows"], dtype=np.float32).reshape(-1, new.shape[1])
+            # A new float32 array each time (4 bytes a value; a window queued for this
+            # batch's forward pass is never changed under it).
+            keep = old[max(0, len(old) - self.lookback + 1) :]
+            rows = state["rows"] = np.concatenate([keep, new])
             if len(rows) < self.lookback:
                 continue
             state["since"] += 1
@@ -395,7 +397,7 @@ class TFTForecaster:
                 continue
             state["since"] = 0
             due.append(index)
-            windows.append(np.array(rows))
+            windows.append(rows)
             future.append(ts + step * np.arange(1, self.horizon + 1))
         if due:
             quantiles = forward(self.net, np.stack(windows), np.stack(future))

@@ -55,16 +55,17 @@ class _Reference:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.values: list[float] = []
+        self.values: list[float] | None = []
         self.mean, self.std = 0.0, 1.0
 
     def standardise(self, value: float) -> float | None:
-        if len(self.values) < self.size:
+        if self.values is not None:
             self.values.append(value)
             if len(self.values) == self.size:
                 self.mean = sum(self.values) / self.size
                 var = sum((v - self.mean) ** 2 for v in self.values) / self.size
                 self.std = math.sqrt(var) or 1.0
+                self.values = None  # only the mean and deviation are needed from now on
             return None
         return (value - self.mean) / self.std
 

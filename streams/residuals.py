@@ -60,13 +60,13 @@ class ResidualTracker:
         for h in self.horizons:
             if h <= len(prediction.yhat):
                 entry["pending"].setdefault(str(h), []).append(
-                    [
+                    (
                         prediction.ts + h * prediction.step_seconds,
                         prediction.yhat[h - 1],
                         prediction.lower[h - 1],
                         prediction.upper[h - 1],
                         prediction.step_seconds / 2,
-                    ]
+                    )
                 )
 
     def observe(self, book: dict, sensor_id: str, ts: float, value: float) -> list[Residual]:

@@ -46,3 +46,9 @@ def test_drift_reports_delays_and_false_alarms(tmp_path) -> None:
     )
     rows = [line for line in out.splitlines() if line.startswith(("adwin", "page_hinkley"))]
     assert len(rows) == 2 and all(re.search(r"\d+/7", row) for row in rows), out
+
+
+def test_memory_reports_resident_memory_and_state_size(tmp_path) -> None:
+    out = bench(tmp_path, "memory", "--sensors", "50", "--minutes", "0")
+    assert re.search(r"resident: \d+ MiB when every window was full", out), out
+    assert float(re.search(r"state: ([\d.]+) KiB per sensor", out).group(1)) > 1, out

@@ -52,6 +52,7 @@ def test_streaming_gives_the_offline_forecasts(trained, split, tmp_path: Path) -
     offline, _, _ = offline_forecasts(trained.net, values, ts)
     states = [forecaster.init_state() for _ in range(values.shape[1])]
     streamed: list[list] = [[] for _ in states]
+    channel = {id(state): c for c, state in enumerate(states)}
     for start in range(0, len(values), 37):  # uneven micro-batches, all channels interleaved
         items = [
             (states[c], float(values[t, c]), float(ts[t]))
@@ -60,7 +61,7 @@ def test_streaming_gives_the_offline_forecasts(trained, split, tmp_path: Path) -
         ]
         for (state, _, _), out in zip(items, forecaster.step(items), strict=True):
             if out is not None:
-                streamed[states.index(state)].append(out[0])
+                streamed[channel[id(state)]].append(out[0])
     stream = torch.tensor(streamed)[:, : offline.shape[1]]
     assert stream.shape == offline.shape
     assert torch.allclose(stream, offline, atol=1e-4), (stream - offline).abs().max()

@@ -126,7 +126,7 @@ def test_a_late_reading_lands_where_it_belongs_in_the_windows() -> None:
 def test_state_snapshot_round_trips_and_keeps_late_positions() -> None:
     state = feed([[(1e9 + 60 * i, float(i)) for i in range(3)]])
     copy = SensorState.from_bytes(state.to_bytes())
-    assert copy == state
+    assert copy.to_bytes() == state.to_bytes()
     assert copy.place(1e9 + 30) == (2, False)
     assert copy.place(1e9 + 120) == (0, True)
     assert copy.place(1e9 - 1) is None
