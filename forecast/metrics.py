@@ -8,7 +8,8 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 READINGS = Counter(
     "forecast_readings",
-    "Readings by result (accepted, out_of_order, duplicate, rejected) and reject reason.",
+    "Readings by result (accepted, out_of_order, duplicate, too_old_to_correct, "
+    "redelivered, rejected) and reject reason.",
     ["result", "reason"],
     registry=REGISTRY,
 )
@@ -102,6 +103,11 @@ CONSUMER_LAG = Gauge(
     "forecast_consumer_lag",
     "Records behind the partition's end after the latest batch (highwater - next offset).",
     ["topic", "partition"],
+    registry=REGISTRY,
+)
+REREADS = Counter(
+    "forecast_consumer_rereads",
+    "Partitions read again from an offset the consumer skipped (see streams.ordering).",
     registry=REGISTRY,
 )
 EVENT_TO_PREDICTION = Histogram(

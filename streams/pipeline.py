@@ -12,6 +12,8 @@ within ``allowed_lateness`` they are stored and, once the batch's forecasts are 
 placed into every forecaster's windows where they belong in time (a repeated time
 replaces the value), if they fall among the sensor's last ``RECENT`` readings; beyond
 the lateness they are rejected with reason ``late``. Forecasts already published stay.
+A record the sensor's state already took in (same partition, offset not past the one it
+remembers) is a delivery again after a crash: skipped and counted as ``redelivered``.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class BatchResult:
     residuals: list[Residual] = field(default_factory=list)
     drift: list[DriftEvent] = field(default_factory=list)
     outcomes: Counter = field(default_factory=Counter)  # accepted, out_of_order, duplicate
+    offsets: dict[str, int] = field(default_factory=dict)  # sensor -> its latest record
     fallbacks: Counter = field(default_factory=Counter)  # warming_up, failed
 
 
@@ -119,6 +122,8 @@ class BatchProcessor:
                         accepted.append((reading, state, state.step))
             span.set_attribute("readings.accepted", len(accepted))
             span.set_attribute("readings.rejected", len(result.rejected))
+        for sensor_id, (partition, state) in result.touched.items():
+            state.source = (partition, result.offsets[sensor_id])
         if accepted:
             self._forecast(accepted, result, now)
         if result.late:
@@ -132,6 +137,10 @@ class BatchProcessor:
         """Classify a reading by event time; return its state if it advances the sensor."""
         touched = result.touched.get(reading.sensor_id)
         state = touched[1] if touched else self.load_state(reading.sensor_id) or SensorState()
+        if state.reflects(record.partition, record.offset):  # its batch was stored already
+            result.outcomes["redelivered"] += 1
+            return None
+        result.offsets[reading.sensor_id] = record.offset
         if state.last_ts is not None and reading.ts <= state.last_ts:
             if reading.ts < state.last_ts - self.allowed_lateness:
                 detail = f"{state.last_ts - reading.ts:.0f}s older than the latest reading"

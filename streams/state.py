@@ -20,6 +20,13 @@ class SensorState:
     models: dict[str, dict] = field(default_factory=dict)  # forecaster name -> its state
     recent: list[float] = field(default_factory=list)  # times of the latest readings
     residuals: dict[str, dict] = field(default_factory=dict)  # model -> waiting steps
+    source: tuple[int, int] | None = None  # (partition, offset) of the latest record seen
+
+    def reflects(self, partition: int, offset: int) -> bool:
+        """Whether the record at ``offset`` of ``partition`` is already in this state: a
+        record delivered again after a crash (the state's snapshot outran the committed
+        offsets) is recognised by its offset and skipped, rather than taken for late."""
+        return self.source is not None and self.source[0] == partition and offset <= self.source[1]
 
     def to_bytes(self) -> bytes:
         """A snapshot as JSON (live objects in model states serialise by ``to_json``)."""
@@ -30,6 +37,7 @@ class SensorState:
             "models": self.models,
             "recent": self.recent,
             "residuals": self.residuals,
+            "source": self.source,
         }
         return orjson.dumps(doc, default=_plain, option=orjson.OPT_SERIALIZE_NUMPY)
 
@@ -43,6 +51,7 @@ class SensorState:
             doc["models"],
             doc.get("recent", []),
             doc.get("residuals", {}),
+            tuple(doc["source"]) if doc.get("source") else None,
         )
 
     def observe(self, ts: float) -> None:

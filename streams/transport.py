@@ -5,6 +5,9 @@ fetch that long when no data is waiting, and tansu does, which put ~0.4 s betwee
 reading and its prediction at low traffic. This transport sets the wait to
 ``FETCH_WAIT_MS`` through Faust's own extension points (Transport.Consumer and its
 consumer thread); under load fetches return at once either way.
+
+Its consumer also leaves holes in a partition to the worker rather than acknowledging
+them (see :mod:`streams.ordering`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,14 @@ class _ConsumerThread(faust_kafka.AIOKafkaConsumerThread):
 class _Consumer(faust_kafka.Consumer):
     def _new_consumer_thread(self) -> faust_kafka.AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def _add_gap(self, tp: Any, offset_from: int, offset_to: int) -> None:
+        """Faust counts offsets it skipped as acknowledged; the worker reads them again
+        instead (:mod:`streams.ordering`) and passes only real holes, with ``pass_hole``."""
+
+    async def pass_hole(self, tp: Any, first: int, last: int) -> None:
+        """Let commits pass offsets ``first`` to ``last``: there are no records there."""
+        await super()._add_gap(tp, first, last)
 
 
 class Transport(faust_kafka.Transport):

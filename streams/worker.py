@@ -1,6 +1,8 @@
 """The Faust worker: consume `readings` in micro-batches, store, publish, then acknowledge.
 
 Order of a batch (why offsets never run ahead of the sink):
+0. admit each partition's records only in offset order (:mod:`streams.ordering`): what
+   follows a hole the consumer left is held back, and the partition is read again;
 1. validate and forecast (pure, :mod:`streams.pipeline`);
 2. write readings and predictions to ClickHouse, retrying with backoff while the store
    fails; consumption waits meanwhile (backpressure, no unbounded buffer);
@@ -46,6 +48,7 @@ from forecast.settings import Settings
 from forecast.tracing import TRACER
 from sinks.clickhouse import Store, batch_token
 from streams.drift import DriftMonitor
+from streams.ordering import OffsetOrder
 from streams.pipeline import BatchProcessor, BatchResult, ModelSet, RawRecord
 from streams.residuals import ResidualTracker
 from streams.state import SensorState
@@ -133,7 +136,9 @@ class Worker:
             value_serializer="raw",
             partitions=settings.kafka_partitions,
         )
+        self.order = OffsetOrder(self._committed)
         self.app.agent(self.readings_topic, name="ingest")(self._ingest)
+        self.app.timer(1.0, name="reread-holes")(self._reread_holes)
         self.app.on_partitions_revoked.connect(self._on_revoked)
 
     async def start(self) -> None:
@@ -144,23 +149,51 @@ class Worker:
 
     async def _on_revoked(self, app: faust.App, revoked: set, **kwargs: object) -> None:
         self.cache.clear()
+        self.order.forget(revoked)
 
     async def _ingest(self, stream: faust.StreamT) -> None:
         async for events in stream.noack_take(
             self.settings.batch_max, within=self.settings.batch_window
         ):
             started = time.perf_counter()
-            try:
-                await self.handle(events)
-            except Exception as exc:  # a fault: stop, rather than skip or ack the batch
-                log.exception("worker stopped by a fault; the batch will be re-delivered")
-                self.failure = exc
-                self.failed.set()
-                return
-            for event in events:
+            admission = self.order.sort(events, lambda e: (e.message.tp, e.message.offset))
+            await self._reread(admission.rewind)
+            if admission.admitted:
+                try:
+                    await self.handle(admission.admitted)
+                except Exception as exc:  # a fault: stop, rather than skip or ack the batch
+                    log.exception("worker stopped by a fault; the batch will be re-delivered")
+                    self.failure = exc
+                    self.failed.set()
+                    return
+            for event in (*admission.admitted, *admission.repeated):
                 await stream.ack(event)
             metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
-            metrics.BATCH_RECORDS.observe(len(events))
+            metrics.BATCH_RECORDS.observe(len(admission.admitted))
+
+    def _committed(self, tp: object) -> int | None:
+        """Faust's committed offset of a partition (the next to read), if it knows one."""
+        return self.app.consumer._committed_offset.get(tp)
+
+    async def _reread_holes(self) -> None:
+        rewind, passed = self.order.overdue()
+        for tp, first, last in passed:
+            log.warning(
+                "offsets %d-%d of %s stayed missing when read again: passed", first, last, tp
+            )
+            await self.app.consumer.pass_hole(tp, first, last)
+        await self._reread(rewind)
+
+    async def _reread(self, positions: dict) -> None:
+        """Read partitions again from an offset the consumer skipped (see streams.ordering)."""
+        for tp, offset in positions.items():
+            log.info("reading %s again from offset %d: the consumer skipped records", tp, offset)
+            metrics.REREADS.inc()
+            try:
+                await self.app.consumer.seek(tp, offset)
+            except KafkaError as exc:  # revoked meanwhile: its next owner starts afresh
+                log.warning("could not read %s again: %s", tp, exc)
+                self.order.forget([tp])
 
     async def handle(self, events: Sequence[EventT]) -> BatchResult:
         """Process, store and publish one batch; returns once all of it is durable."""

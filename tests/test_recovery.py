@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ETTH1, System, base_env, start_system
+from tests.conftest import ETTH1, System, base_env, run_cli, start_system
 
 pytestmark = pytest.mark.integration
 
 ROWS = 400
+EXPECTED = (ROWS - 1) * 7  # one-step predictions: every reading but each sensor's first
+ONE_STEP = "SELECT count() FROM forecast.predictions WHERE horizon = 1"
 
 
 def predictions(system: System) -> list[dict]:
@@ -45,11 +47,16 @@ def wait_for_count(system: System, sql: str, at_least: int, within: float = 120)
 
 
 def run(data_dir: Path, broker: str, prefix: str, kill_after: int | None) -> list[dict]:
+    """Replay ROWS rows of ETTh1; with ``kill_after``, SIGKILL the worker once that many
+    one-step predictions are stored, restart it, and let it finish."""
     env = {
         "FORECAST_KAFKA_BOOTSTRAP": broker,
         "FORECAST_TOPIC_PREFIX": prefix,
         "FORECAST_BATCH_MAX": "50",
     }
+    # 20 rows/s when a kill is planned: the stream is still flowing when the kill lands,
+    # however slowly the stored count is polled.
+    speed = "360000" if kill_after is None else "72000"
     system = start_system(data_dir, **env)
     replay = subprocess.Popen(
         [
@@ -58,42 +65,39 @@ def run(data_dir: Path, broker: str, prefix: str, kill_after: int | None) -> lis
             "forecast",
             "replay",
             str(ETTH1),
-            "--limit",
-            str(ROWS),
-            "--speed",
-            "360000",
+            f"--limit={ROWS}",
+            f"--speed={speed}",
         ],
         env={**system.env, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    total = "SELECT count() FROM forecast.predictions WHERE horizon = 1"
-    expected = (ROWS - 1) * 7
-    if kill_after is not None:
-        assert wait_for_count(system, total, kill_after) >= kill_after
-        system.process.send_signal(signal.SIGKILL)  # no goodbye: mid-batch, mid-commit
-        system.process.wait()
-        system.stop()
-        assert wait_for_count_offline(data_dir) < expected, "killed too late to test anything"
-        system = start_system(data_dir, **env)
-    replay.wait(120)
-    assert wait_for_count(system, total, expected) == expected
-    rows = predictions(system)
-    assert system.stop() == 0
+    try:
+        if kill_after is not None:
+            assert wait_for_count(system, ONE_STEP, kill_after) >= kill_after
+            system.process.send_signal(signal.SIGKILL)  # no goodbye: mid-batch, mid-commit
+            system.process.wait()
+            system.stop()
+            stored = count_offline(data_dir)
+            assert stored < EXPECTED, f"killed too late to test anything ({stored} stored)"
+            system = start_system(data_dir, **env)
+        assert replay.wait(120) == 0
+        count = wait_for_count(system, ONE_STEP, EXPECTED)
+        log = (data_dir / "up.log").read_text()[-4000:]
+        assert count == EXPECTED, f"{count} of {EXPECTED} one-step predictions; up.log:\n{log}"
+        rows = predictions(system)
+    finally:
+        if replay.poll() is None:
+            replay.kill()
+            replay.wait()
+        code = system.stop()
+    assert code == 0
     return rows
 
 
-def wait_for_count_offline(data_dir: Path) -> int:
+def count_offline(data_dir: Path) -> int:
     """Predictions stored when the worker died (the store is free again)."""
-    from tests.conftest import run_cli
-
-    out = run_cli(
-        "query",
-        "SELECT count() FROM forecast.predictions WHERE horizon = 1",
-        "--format",
-        "csv",
-        env=base_env(data_dir),
-    )
+    out = run_cli("query", ONE_STEP, "--format", "csv", env=base_env(data_dir))
     assert out.returncode == 0, out.stderr
     return int(out.stdout.splitlines()[-1])
 

@@ -15,6 +15,7 @@ from models.base import NOT_DUE
 from models.baseline import SeasonalNaive
 from sinks.clickhouse import batch_token, prediction_columns
 from sinks.query import check_readonly
+from streams.ordering import Admission, OffsetOrder
 from streams.pipeline import BatchProcessor, ModelSet, RawRecord
 from streams.state import SensorState
 from streams.validate import Limits
@@ -97,6 +98,24 @@ def test_late_and_out_of_order_readings() -> None:
     assert len(result.readings) == 3  # stored for analysts, late one only in the DLQ
 
 
+def test_records_delivered_again_after_a_crash_are_skipped_not_taken_for_late() -> None:
+    states: dict[str, SensorState] = {}
+    first = processor(states).process([record(i, "s", 1e9 + 3600 * i) for i in range(5)])
+    states["s"] = SensorState.from_bytes(first.touched["s"][1].to_bytes())  # the snapshot
+    assert states["s"].source == (0, 4)
+    # The offsets were not committed: the batch comes again, followed by new records.
+    again = processor(states).process([record(i, "s", 1e9 + 3600 * i) for i in range(7)])
+    assert again.outcomes == {"redelivered": 5, "accepted": 2}
+    assert not again.rejected
+    assert [r.ts for r in again.readings] == [1e9 + 3600 * 5, 1e9 + 3600 * 6]
+    assert [p.seq for p in again.predictions] == [5, 6]
+    # The same offset in another partition (say, after the partition count grew) is new.
+    moved = RawRecord(
+        "readings", 1, 2, b"s", orjson.dumps({"sensor_id": "s", "ts": 1e9 + 36000, "value": 1})
+    )
+    assert processor(states).process([moved]).outcomes == {"accepted": 1}
+
+
 def feed(batches: list[list[tuple[float, float]]], season: int = 4) -> SensorState:
     """Readings (ts, value) of one sensor in batches; the sensor's state afterwards."""
     states: dict[str, SensorState] = {}
@@ -147,6 +166,59 @@ def test_batch_token_is_deterministic() -> None:
     parts = [("readings", 0, 1), ("readings", 1, 7)]
     assert batch_token(parts) == batch_token(list(parts))
     assert batch_token(parts) != batch_token(parts[:1])
+
+
+# -- partition order ----------------------------------------------------------------------
+
+
+def sort(order: OffsetOrder, *offsets: int, partition: str = "p") -> Admission:
+    return order.sort([(partition, o) for o in offsets], lambda event: event)
+
+
+def offsets(events: list[tuple[str, int]]) -> list[int]:
+    return [offset for _, offset in events]
+
+
+def test_a_partition_is_taken_in_offset_order_and_a_hole_is_read_again() -> None:
+    now = [0.0]
+    order = OffsetOrder(lambda p: None, retry_after=1.0, pass_after=30.0, clock=lambda: now[0])
+    first = sort(order, 5, 6, 7)
+    assert offsets(first.admitted) == [5, 6, 7] and not first.rewind
+    # The consumer skipped 8-10: what follows waits, unacknowledged, and 8 is read again.
+    skipped = sort(order, 11, 12, 6)
+    assert (offsets(skipped.admitted), offsets(skipped.held)) == ([], [11, 12])
+    assert offsets(skipped.repeated) == [6] and skipped.rewind == {"p": 8}
+    assert not sort(order, 13).rewind  # asked once per hole
+    now[0] = 0.5
+    assert order.overdue() == ({}, [])
+    now[0] = 1.0
+    assert order.overdue() == ({"p": 8}, [])  # still open: read again
+    again = sort(order, 8, 9, 10, 11, 12)
+    assert offsets(again.admitted) == [8, 9, 10, 11, 12] and not again.held
+    now[0] = 60.0
+    assert order.overdue() == ({}, [])
+
+
+def test_a_hole_that_stays_is_passed_after_several_reads() -> None:
+    now = [0.0]
+    order = OffsetOrder(lambda p: None, retry_after=1.0, pass_after=30.0, clock=lambda: now[0])
+    sort(order, 0, 1)
+    assert sort(order, 5, 6).rewind == {"p": 2}  # 2-4 were compacted away
+    for t in (1.0, 2.0, 3.0):
+        now[0] = t
+        assert order.overdue() == ({"p": 2}, [])
+        assert offsets(sort(order, 5).held) == [5]
+    now[0] = 31.0
+    assert order.overdue() == ({"p": 5}, [("p", 2, 4)])
+    assert offsets(sort(order, 5, 6).admitted) == [5, 6]
+
+
+def test_a_partition_starts_at_its_committed_offset_and_is_forgotten_when_revoked() -> None:
+    order = OffsetOrder({"p": 10, "q": 10}.get)
+    assert sort(order, 12).rewind == {"p": 10}  # 10 and 11 were dropped before delivery
+    assert offsets(sort(order, 8, 9, 10, partition="q").admitted) == [10]  # re-read from 10
+    order.forget(["p"])
+    assert offsets(sort(order, 10).admitted) == [10]
 
 
 # -- hub ----------------------------------------------------------------------------------
