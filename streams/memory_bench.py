@@ -3,7 +3,8 @@ loaded (an LSTM in production, a TFT as shadow) holding state for many sensors.
 
 Readings go through the worker's own batch processor (validation, per-sensor state, both
 models, the baseline, residuals, drift) one round at a time: one reading per sensor.
-The state is kept as the worker keeps it. Network weights are untrained: memory does not
+The state is kept as the worker keeps it: live objects in its cache (their snapshots
+go to the changelog). Network weights are untrained: memory does not
 depend on them. Resident memory is sampled after every round.
 """
 
@@ -70,7 +71,7 @@ def run(
     tft = TFTForecaster(build_network(tft_config), 1, tft_config)
     tft.name = "tft"
     models = ModelSet(SeasonalNaive(horizon=24, season=24), lstm, tft)
-    states: dict[str, SensorState] = {}
+    states: dict[str, SensorState] = {}  # the worker's cache of live states
     processor = BatchProcessor(
         lambda: models,
         Limits(max_batch_readings=sensors),
@@ -98,7 +99,7 @@ def run(
         result = processor.process(records)
         for sensor_id, (_, state) in result.touched.items():
             states[sensor_id] = state
-            state.to_bytes()  # as the worker snapshots it
+            state.to_bytes()  # the snapshot the worker logs to the changelog
         report.rounds += 1
         elapsed = time.perf_counter() - started
         report.samples.append((elapsed, rss_mib()))

@@ -7,8 +7,8 @@ Order of a batch (why offsets never run ahead of the sink):
 2. write readings and predictions to ClickHouse, retrying with backoff while the store
    fails; consumption waits meanwhile (backpressure, no unbounded buffer);
 3. publish predictions and rejections (`predictions`, `readings.dlq`) and wait for acks;
-4. write the touched per-sensor state to the Faust table (its changelog makes it
-   recoverable after a crash);
+4. log a snapshot of each touched sensor's state to the Faust table's changelog (which
+   makes it recoverable after a crash; the live state stays in the worker's cache);
 5. acknowledge the records, so Faust commits their offsets.
 A crash anywhere before 5 re-delivers the batch; the deterministic keys and insert tokens
 of the store, and the per-sensor ``seq`` that subscribers de-duplicate on, absorb it.
@@ -62,12 +62,25 @@ DLQ_MAX_VALUE = 64 * 1024
 
 
 class SensorStateTable(faust.Table):
-    """A Faust table written once per batch, outside per-event iteration."""
+    """Per-sensor state snapshots, written once per batch, outside per-event iteration.
 
-    def put(self, partition: int, key: str, value: bytes) -> None:
-        """Set ``key`` and log it to the changelog partition of the record that carried it."""
-        self.data[key] = value
+    The worker keeps the live states in its cache and only logs their snapshots to the
+    changelog; ``data`` holds the snapshots of sensors that are not live: restored from
+    the changelog after a restart, or handed back when partitions are revoked. Keeping a
+    snapshot beside every live state took 10,000 sensors from 1490 to 1972 MiB.
+    """
+
+    def log_snapshot(self, partition: int, key: str, value: bytes) -> None:
+        """Log ``key`` to the changelog partition of the record that carried it."""
         self.send_changelog(partition, key, value)
+
+    def keep_snapshot(self, key: str, value: bytes) -> None:
+        """Hold a snapshot locally (it is in the changelog already)."""
+        self.data[key] = value
+
+    def take_snapshot(self, key: str) -> bytes | None:
+        """Remove and return the local snapshot of ``key``, if any."""
+        return self.data.pop(key, None)
 
 
 class Worker:
@@ -148,6 +161,10 @@ class Worker:
         await self.app.stop()
 
     async def _on_revoked(self, app: faust.App, revoked: set, **kwargs: object) -> None:
+        """Hand the live states back to the table: whichever partitions return to this
+        worker are then brought up to date by Faust's recovery from the changelog."""
+        for sensor_id, state in self.cache.items():
+            self.table.keep_snapshot(sensor_id, state.to_bytes())
         self.cache.clear()
         self.order.forget(revoked)
 
@@ -217,7 +234,7 @@ class Worker:
         self._export_lag(messages)
         for sensor_id, (partition, state) in result.touched.items():
             self.cache[sensor_id] = state
-            self.table.put(partition, sensor_id, state.to_bytes())  # a snapshot
+            self.table.log_snapshot(partition, sensor_id, state.to_bytes())  # a snapshot
         self._count(result)
         if result.drift and self.on_drift is not None:
             self.on_drift(result.drift)
@@ -325,9 +342,9 @@ class Worker:
     def _load_state(self, sensor_id: str) -> SensorState | None:
         state = self.cache.get(sensor_id)
         if state is None:
-            doc = self.table.get(sensor_id)
+            doc = self.table.take_snapshot(sensor_id)
             if doc is not None:
-                state = SensorState.from_bytes(doc)
+                state = self.cache[sensor_id] = SensorState.from_bytes(doc)
         return state
 
 

@@ -168,6 +168,22 @@ def test_batch_token_is_deterministic() -> None:
     assert batch_token(parts) != batch_token(parts[:1])
 
 
+async def test_the_worker_keeps_live_states_only_and_hands_them_back_on_revocation() -> None:
+    from streams.worker import Worker
+
+    models = ModelSet(SeasonalNaive(horizon=3, season=2))
+    worker = Worker(load_settings(), "127.0.0.1:9", None, lambda: models)  # not started
+    worker.table.keep_snapshot(
+        "s", SensorState(1e9, 60.0, 7).to_bytes()
+    )  # restored after a restart
+    state = worker._load_state("s")
+    assert state.seq == 7 and worker.cache["s"] is state and "s" not in worker.table.data
+    state.seq = 8  # a batch advances the live state
+    await worker._on_revoked(worker.app, set())
+    assert not worker.cache and SensorState.from_bytes(worker.table.data["s"]).seq == 8
+    assert worker._load_state("s").seq == 8
+
+
 # -- partition order ----------------------------------------------------------------------
 
 
