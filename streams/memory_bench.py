@@ -3,9 +3,9 @@ loaded (an LSTM in production, a TFT as shadow) holding state for many sensors.
 
 Readings go through the worker's own batch processor (validation, per-sensor state, both
 models, the baseline, residuals, drift) one round at a time: one reading per sensor.
-The state is kept as the worker keeps it: live objects in its cache (their snapshots
-go to the changelog). Network weights are untrained: memory does not
-depend on them. Resident memory is sampled after every round.
+The state is kept as the worker keeps it: live objects in its cache (their snapshots go
+to the changelog). Network weights are untrained: memory does not depend on them.
+Resident memory is sampled after every round.
 """
 
 from __future__ import annotations

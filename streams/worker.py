@@ -67,7 +67,7 @@ class SensorStateTable(faust.Table):
     The worker keeps the live states in its cache and only logs their snapshots to the
     changelog; ``data`` holds the snapshots of sensors that are not live: restored from
     the changelog after a restart, or handed back when partitions are revoked. Keeping a
-    snapshot beside every live state took 10,000 sensors from 1490 to 1972 MiB.
+    snapshot beside every live state took 10,000 sensors to 1972 MiB (1251-1490 without).
     """
 
     def log_snapshot(self, partition: int, key: str, value: bytes) -> None:
@@ -234,7 +234,7 @@ class Worker:
         self._export_lag(messages)
         for sensor_id, (partition, state) in result.touched.items():
             self.cache[sensor_id] = state
-            self.table.log_snapshot(partition, sensor_id, state.to_bytes())  # a snapshot
+            self.table.log_snapshot(partition, sensor_id, state.to_bytes())
         self._count(result)
         if result.drift and self.on_drift is not None:
             self.on_drift(result.drift)

@@ -173,9 +173,8 @@ async def test_the_worker_keeps_live_states_only_and_hands_them_back_on_revocati
 
     models = ModelSet(SeasonalNaive(horizon=3, season=2))
     worker = Worker(load_settings(), "127.0.0.1:9", None, lambda: models)  # not started
-    worker.table.keep_snapshot(
-        "s", SensorState(1e9, 60.0, 7).to_bytes()
-    )  # restored after a restart
+    # As restored from the changelog after a restart:
+    worker.table.keep_snapshot("s", SensorState(1e9, 60.0, 7).to_bytes())
     state = worker._load_state("s")
     assert state.seq == 7 and worker.cache["s"] is state and "s" not in worker.table.data
     state.seq = 8  # a batch advances the live state
