@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import functools
 import io
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import click
 import orjson
@@ -275,11 +276,14 @@ def simulate_cmd(sensors: int, rate: float, count: int | None, prefix: str) -> N
     "--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True, help="Seconds."
 )
 def query(sql: str, fmt: str, max_rows: int, timeout: float) -> None:
-    """Run one read-only SQL statement against ClickHouse (database `forecast`)."""
-    from sinks.query import QueryResult, check_readonly
+    """Run one read-only SQL statement against ClickHouse (database `forecast`).
+
+    One SELECT or DESCRIBE, judged by ClickHouse's parser: no INTO OUTFILE, FORMAT or
+    SETTINGS, only generator table functions, only the engine's views and a few system
+    tables; run read-only with the FORECAST_QUERY_* caps."""
+    from sinks.query import QueryResult
 
     settings = _settings()
-    check_readonly(sql)
     result: QueryResult = _run_query(settings, sql, max_rows, timeout)
     click.echo(_render(result, fmt), nl=False)
     if result.truncated:
@@ -312,18 +316,25 @@ def _through_store(
             response = remote(client, running)
     except httpx.HTTPError as exc:
         raise ForecastError(f"the running engine at {running.url} did not answer: {exc}") from exc
+    if isinstance(response, int):  # a download, written already
+        return response
     if response.status_code != 200:
-        body = response.json()
-        raise ForecastError(f"{body['error']['code']}: {body['error']['message']}")
+        _raise_answer(response)
     return response
 
 
-def _run_query(settings: Settings, sql: str, max_rows: int, timeout: float) -> Any:
-    from sinks.query import QueryResult, run_readonly
+def _raise_answer(response: Any) -> None:
+    body = response.json()
+    raise ForecastError(f"{body['error']['code']}: {body['error']['message']}")
 
+
+def _run_query(settings: Settings, sql: str, max_rows: int, timeout: float) -> Any:
+    from sinks.query import QueryLimits, QueryResult, run_readonly
+
+    limits = QueryLimits.from_settings(settings, max_rows=max_rows, timeout=timeout)
     result = _through_store(
         settings,
-        lambda store: run_readonly(store, sql, max_rows, timeout),
+        lambda store: run_readonly(store, sql, limits),
         lambda client, _: client.post(
             "/v1/query", json={"sql": sql, "max_rows": min(max_rows, 10_000)}
         ),
@@ -378,18 +389,40 @@ def export_cmd(
     settings = _settings()
     params = {"what": what, "sensors": sensors, "format": fmt}
     params.update({k: v for k, v in (("from", start), ("to", stop)) if v})
-    result = _through_store(
-        settings,
-        lambda store: export(store, wanted),
-        lambda client, _: client.get("/v1/export", params=params),
-        300.0,
-    )
-    data = result if isinstance(result, bytes) else result.content
-    if output is None:
-        click.echo(data.decode(), nl=False)
-    else:
-        output.write_bytes(data)
-        click.echo(f"wrote {len(data)} bytes to {output}", err=True)
+    with contextlib.ExitStack() as stack:
+        sink = (
+            click.get_binary_stream("stdout")
+            if output is None
+            else stack.enter_context(output.open("wb"))
+        )
+        written = _through_store(
+            settings,
+            lambda store: _write_chunks(
+                export(store, wanted, None, settings.export_max_rows, settings.export_timeout),
+                sink,
+            ),
+            lambda client, _: _download(client, "/v1/export", params, sink),
+            settings.export_timeout,
+        )
+    if output is not None:
+        click.echo(f"wrote {written} bytes to {output}", err=True)
+
+
+def _write_chunks(chunks: Iterable[bytes], sink: BinaryIO) -> int:
+    written = 0
+    for chunk in chunks:
+        sink.write(chunk)
+        written += len(chunk)
+    return written
+
+
+def _download(client: Any, path: str, params: dict, sink: BinaryIO) -> int:
+    """Stream a GET's body into ``sink``; an error answer is raised as the engine's own."""
+    with client.stream("GET", path, params=params) as response:
+        if response.status_code != 200:
+            response.read()
+            _raise_answer(response)
+        return _write_chunks(response.iter_bytes(), sink)
 
 
 def _render(result: Any, fmt: str) -> str:
@@ -431,7 +464,9 @@ def keys() -> None:
     show_default=True,
 )
 @click.option("--name", default="", help="A label for the key.")
-@click.option("--scope", "scopes", multiple=True, help="Sensor pattern the key may see (repeat).")
+@click.option(
+    "--scope", "scopes", multiple=True, help="Sensor pattern the key may see (repeat; no commas)."
+)
 def keys_create(role: str, name: str, scopes: tuple[str, ...]) -> None:
     """Create a key and print it once (only its hash is stored)."""
     from forecast.runtime import key_store

@@ -5,8 +5,10 @@ ForecastError
 ├── BrokerError        the Kafka broker cannot be started or reached        (retriable)
 ├── StoreError         ClickHouse failed or is slow                          (retriable)
 ├── QueryError         ClickHouse refused an analyst query (unknown column, timeout, ...)
-│   └── QueryRejected  not allowed before it ran (not read-only, several statements, ...)
+│   └── QueryRejected  refused before it ran (not one SELECT, a file, a table function, ...);
+│                      its code names what (``sql_into_outfile``, ``sql_table``, ...)
 ├── AuthError          missing, unknown, revoked or insufficient credentials
+├── WorkerStalled      the worker made no progress for FORECAST_STALL_EXIT (streams.liveness)
 └── ModelError         a model artifact is corrupt, incompatible or failed at inference
 """
 
@@ -41,6 +43,11 @@ class StoreError(ForecastError):
 
 class QueryError(ForecastError):
     code = "bad_query"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
 
 
 class QueryRejected(QueryError):

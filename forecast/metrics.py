@@ -105,6 +105,21 @@ CONSUMER_LAG = Gauge(
     ["topic", "partition"],
     registry=REGISTRY,
 )
+WORKER_STALLED = Gauge(
+    "forecast_worker_stalled",
+    "1 while the worker makes no progress on its partitions (FORECAST_STALL_TIMEOUT).",
+    registry=REGISTRY,
+)
+WORKER_IDLE_SECONDS = Gauge(
+    "forecast_worker_seconds_since_progress",
+    "Seconds since the worker last took in records or was caught up with its partitions.",
+    registry=REGISTRY,
+)
+BROKER_DATA_LOST = Counter(
+    "forecast_broker_data_lost",
+    "Times a partition's end went below offsets the worker had read (it then exits).",
+    registry=REGISTRY,
+)
 REREADS = Counter(
     "forecast_consumer_rereads",
     "Partitions read again from an offset the consumer skipped (see streams.ordering).",

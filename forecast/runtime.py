@@ -1,7 +1,10 @@
 """Putting the parts together in one process: broker, store, worker, gateway, HTTP.
 
 ``forecast up`` runs all of them; ``forecast worker`` and ``forecast gateway`` run their
-part. Parts start in dependency order and stop in reverse, on SIGINT or SIGTERM.
+part. Parts start in dependency order and stop in reverse, on SIGINT or SIGTERM, or when
+the worker fails (a fault, a stall, a broker that lost its data): then the process exits
+non-zero with the reason, for its supervisor to restart it. From the signal or the fault,
+the process ends within SHUTDOWN_DEADLINE seconds whatever hangs.
 """
 
 from __future__ import annotations
@@ -10,10 +13,14 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import signal
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
+import orjson
 from aiokafka import AIOKafkaProducer
 
 from forecast import tracing
@@ -30,12 +37,14 @@ from models.retrain import Retrainer
 from models.serving import ModelWatcher, pick_device
 from sinks import owner
 from sinks.clickhouse import Store
+from sinks.query import QueryLimits
 from streams.broker import EmbeddedBroker, ensure_topics, wait_until_ready
 from streams.worker import Worker
 
 log = logging.getLogger(__name__)
 
 Feeder = Callable[[AIOKafkaProducer, str], Awaitable[object]]
+SHUTDOWN_DEADLINE = 9.0  # seconds from SIGTERM (or a worker fault) to the process's exit
 
 
 @dataclass
@@ -49,10 +58,15 @@ def key_store(settings: Settings) -> KeyStore:
 
 
 def jwt_verifier(settings: Settings) -> JwtVerifier | None:
+    rules = {
+        "max_ttl": settings.jwt_max_ttl,
+        "issuer": settings.jwt_issuer,
+        "audience": settings.jwt_audience,
+    }
     if settings.jwt_secret is not None:
-        return JwtVerifier("HS256", settings.jwt_secret.get_secret_value())
+        return JwtVerifier("HS256", settings.jwt_secret.get_secret_value(), **rules)
     if settings.jwt_public_key is not None:
-        return JwtVerifier("RS256", settings.jwt_public_key)
+        return JwtVerifier("RS256", settings.jwt_public_key, **rules)
     return None
 
 
@@ -65,9 +79,15 @@ async def run(
 ) -> None:
     """Run the chosen parts until SIGINT/SIGTERM (or until ``feeder`` fails)."""
     stopping = asyncio.Event()
+    watchdog = Watchdog(SHUTDOWN_DEADLINE)
+
+    def on_signal() -> None:
+        stopping.set()
+        watchdog.arm()  # even while starting up: the steps to come may wait for a broker
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
+        loop.add_signal_handler(sig, on_signal)
     async with contextlib.AsyncExitStack() as stack:
         service = (
             "up" if parts.worker and parts.gateway else "worker" if parts.worker else "gateway"
@@ -88,7 +108,13 @@ async def run(
         auth = Authenticator(
             key_store(settings), enabled=settings.auth, jwt_verifier=jwt_verifier(settings)
         )
-        ctx = ApiContext(auth=auth, registry=Registry(settings.models_dir))
+        ctx = ApiContext(
+            auth=auth,
+            registry=Registry(settings.models_dir),
+            limits=QueryLimits.from_settings(settings),
+            export_max_rows=settings.export_max_rows,
+            export_timeout=settings.export_timeout,
+        )
         ctx.checks["broker"] = lambda: _broker_answers(bootstrap)
         if parts.worker or settings.clickhouse_url is not None:
             store = await asyncio.to_thread(Store.open, settings)
@@ -116,6 +142,7 @@ async def run(
                 stack.push_async_callback(_cancel, comparing)
                 stack.push_async_callback(retrainer.stop)
             ctx.checks["model"] = _true
+            ctx.checks["consuming"] = worker.consuming
         if parts.gateway:
             hub = Hub(settings.replay_buffer)
             ctx.hub = hub
@@ -132,13 +159,25 @@ async def run(
                 history,
                 settings.rate_ws_connect,
                 settings.rate_ws_messages,
+                trusted_proxies=settings.proxy_networks,
             )
             await stream.start()
             stack.push_async_callback(stream.stop)
         http = HttpServer(
-            create_app(ctx, settings.rate_http, settings.cors_origins),
+            create_app(
+                ctx,
+                settings.rate_http,
+                settings.cors_origins,
+                max_body=settings.http_max_body,
+                body_timeout=settings.http_body_timeout,
+                trusted_proxies=settings.proxy_networks,
+            ),
             settings.http_host,
             settings.http_port,
+            header_timeout=settings.http_header_timeout,
+            keep_alive=settings.http_keep_alive,
+            max_connections=settings.http_max_connections,
+            backlog=settings.http_backlog,
         )
         await http.start()
         stack.push_async_callback(http.stop)
@@ -166,11 +205,49 @@ async def run(
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for waiting in waits:
             waiting.cancel()
+        watchdog.arm()
         announce("stopping")
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.remove_signal_handler(sig)
+    if worker is None or worker.stopped:
+        watchdog.disarm()  # else Faust's consumer thread may still hold the process
     if worker is not None and worker.failure is not None:
-        raise ForecastError(f"the worker stopped on a fault: {worker.failure!r}")
+        failure = worker.failure
+        if isinstance(failure, ForecastError):
+            raise ForecastError(f"the worker stopped: {failure.message}")
+        raise ForecastError(f"the worker stopped on a fault: {failure!r}")
+
+
+class Watchdog:
+    """Ends the process with exit status 1 if stopping takes longer than ``deadline``
+    seconds (Faust waits up to a request timeout, 90 s, on a broker that does not answer)."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self._timer: threading.Timer | None = None
+
+    def arm(self) -> None:
+        if self._timer is None:
+            self._timer = threading.Timer(self.deadline, self._expire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        # Straight to the file descriptor: a logging lock held by a stuck thread must not
+        # keep the process alive.
+        line = {
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "level": "error",
+            "logger": __name__,
+            "message": f"stopping took longer than {self.deadline:.1f}s: exiting now",
+        }
+        os.write(2, orjson.dumps(line) + b"\n")
+        os._exit(1)
 
 
 async def _feed(

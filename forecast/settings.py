@@ -33,6 +33,18 @@ class Settings(BaseSettings):
     # ClickHouse
     clickhouse_url: SecretStr | None = Field(None, description="http://user:pass@host:8123/db")
     retention_days: int = Field(365, ge=1, le=36500)
+    clickhouse_analyst_url: SecretStr | None = Field(
+        None, description="a read-only user for analyst SQL (deploy/clickhouse/analyst.sql)"
+    )
+
+    # Analyst SQL and exports: caps that a query cannot lift
+    query_max_rows: int = Field(10_000, ge=1, le=1_000_000, description="rows a query returns")
+    query_timeout: float = Field(30.0, gt=0, le=3600, description="seconds a query may run")
+    query_max_memory: int = Field(512 << 20, ge=1 << 20, description="bytes a query may use")
+    query_max_bytes_read: int = Field(8 << 30, ge=1 << 20, description="bytes a query may scan")
+    query_max_result_bytes: int = Field(64 << 20, ge=1 << 10, description="bytes of a result")
+    export_max_rows: int = Field(2_000_000, ge=1, description="rows one export may hold")
+    export_timeout: float = Field(300.0, gt=0, le=86_400, description="seconds an export may run")
 
     # Servers
     http_host: str = "127.0.0.1"
@@ -42,12 +54,22 @@ class Settings(BaseSettings):
     auth: bool = Field(True, description="false only for local use")
     jwt_secret: SecretStr | None = Field(None, description="HS256 secret for JWTs")
     jwt_public_key: str | None = Field(None, description="RS256 public key (PEM) for JWTs")
+    jwt_issuer: str | None = Field(None, min_length=1, description="required iss claim")
+    jwt_audience: str | None = Field(None, min_length=1, description="required aud claim")
+    jwt_max_ttl: float = Field(86_400.0, gt=0, description="longest exp - iat, seconds")
     ws_queue_size: int = Field(1000, ge=1)
     rate_http: str = Field("60/minute,1000/hour", description="per key and per address")
     rate_ws_connect: str = Field("60/minute", description="connection attempts per address")
     rate_ws_messages: str = Field("20/second", description="client messages per connection")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS")
     replay_buffer: int = Field(1000, ge=0, description="predictions kept per sensor for resume")
+    http_max_body: int = Field(1 << 20, ge=1024, description="request body cap, bytes")
+    http_body_timeout: float = Field(30.0, gt=0, le=3600, description="to receive a body, s")
+    http_header_timeout: float = Field(10.0, gt=0, le=300, description="to send request headers")
+    http_keep_alive: float = Field(5.0, gt=0, le=300, description="idle keep-alive seconds")
+    http_max_connections: int = Field(1000, ge=1, description="open HTTP connections at most")
+    http_backlog: int = Field(2048, ge=1, description="connections queued in the kernel")
+    trusted_proxies: str = Field("", description="addresses/CIDRs allowed to set X-Forwarded-For")
 
     # Stream processing
     batch_max: int = Field(2000, ge=1)
@@ -57,6 +79,8 @@ class Settings(BaseSettings):
     max_future: float = Field(86_400.0, ge=0, description="seconds a reading may lie ahead")
     allowed_lateness: float = Field(3600.0, ge=0)
     sensor_allow: str = Field("*", description="comma-separated glob patterns of sensors")
+    stall_timeout: float = Field(30.0, gt=0, le=3600, description="no progress: not ready")
+    stall_exit: float = Field(120.0, gt=0, le=86_400, description="no progress: exit non-zero")
 
     # Forecasting
     horizon: int = Field(24, ge=1, le=10_000)
@@ -114,6 +138,23 @@ class Settings(BaseSettings):
         parse_rules(value)
         return value
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: str) -> str:
+        from gateway.limits import parse_networks
+
+        parse_networks(value)
+        return value
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _jwt_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        if len(value.get_secret_value().encode()) < 32:
+            raise ValueError("an HS256 secret needs at least 32 bytes, e.g. openssl rand -hex 32")
+        return value
+
     @field_validator("kafka_bootstrap")
     @classmethod
     def _bootstrap(cls, value: str | None) -> str | None:
@@ -125,7 +166,7 @@ class Settings(BaseSettings):
                 raise ValueError("expected host:port[,host:port...]")
         return value
 
-    @field_validator("clickhouse_url")
+    @field_validator("clickhouse_url", "clickhouse_analyst_url")
     @classmethod
     def _clickhouse(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None or not value.get_secret_value():
@@ -165,6 +206,13 @@ class Settings(BaseSettings):
             cooldown=self.drift_cooldown,
         )
 
+    @cached_property
+    def proxy_networks(self) -> tuple:
+        """FORECAST_TRUSTED_PROXIES as networks (gateway.limits.Network)."""
+        from gateway.limits import parse_networks
+
+        return parse_networks(self.trusted_proxies)
+
     @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
@@ -175,7 +223,7 @@ class Settings(BaseSettings):
         return self.data_dir / "run"
 
 
-SECRET_FIELDS = frozenset({"clickhouse_url", "jwt_secret"})
+SECRET_FIELDS = frozenset({"clickhouse_url", "clickhouse_analyst_url", "jwt_secret"})
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -3,16 +3,24 @@
 A key reads ``fk_<id>_<secret>``; only SHA-256 of the secret is stored (keys are random
 and long, so a slow password hash would add nothing) and compared in constant time.
 
-A JWT is verified with the one configured algorithm (HS256 with a secret, or RS256 with
-a public key), so ``alg: none`` and any other algorithm are refused; ``exp`` is required.
+The database file is created 0600 before SQLite opens it (SQLite gives its journal and
+WAL files the database's mode), and an existing one is set back to 0600.
+
+A JWT is verified with the one configured algorithm (HS256 with a secret of at least 32
+bytes, or RS256 with a public key of at least 2048 bits), so ``alg: none`` and any other
+algorithm are refused; ``exp``, ``iat`` and ``sub`` are required, ``exp - iat`` may not
+exceed the maximum lifetime, and ``iss``/``aud`` must match when they are configured.
 Claims: ``sub``, ``role`` (viewer, analyst, operator, admin) and optional ``scopes``
-(sensor patterns, default all).
+(sensor patterns; absent means all, ``[]`` means none).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import logging
+import os
 import secrets
 import sqlite3
 import time
@@ -25,7 +33,10 @@ import jwt
 
 from forecast.errors import AuthError
 
+log = logging.getLogger(__name__)
+
 ROLES = ("viewer", "analyst", "operator", "admin")
+MAX_SCOPE = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +73,10 @@ class KeyStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        private_file(path)
+        for suffix in ("-journal", "-wal", "-shm"):  # left by an older version, if any
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                os.chmod(path.with_name(path.name + suffix), 0o600)
         with self._connect() as db:
             db.execute(
                 """CREATE TABLE IF NOT EXISTS api_keys (
@@ -77,7 +92,7 @@ class KeyStore:
         """Create a key; return (key_id, token). The token is not stored and not shown again."""
         if role not in ROLES:
             raise AuthError(f"unknown role {role!r}; one of {', '.join(ROLES)}", code="bad_request")
-        scopes = tuple(scopes) or ("*",)
+        scopes = check_scopes(scopes)
         key_id = secrets.token_hex(4)
         secret = secrets.token_urlsafe(24)
         with self._connect() as db:
@@ -120,29 +135,91 @@ class KeyStore:
         return Principal(key_id, row[0], tuple(row[1].split(",")))
 
 
-class JwtVerifier:
-    """Verifies bearer JWTs with exactly one algorithm and key."""
+def check_scopes(scopes: Iterable[str]) -> tuple[str, ...]:
+    """Sensor patterns for a key: at least one, each non-empty, short, without a comma."""
+    scopes = tuple(scopes)
+    if not scopes:
+        raise AuthError("a key needs at least one sensor pattern ('*' for all)", code="bad_scope")
+    for scope in scopes:
+        if not isinstance(scope, str) or not 0 < len(scope) <= MAX_SCOPE:
+            raise AuthError(f"a scope is a pattern of 1..{MAX_SCOPE} characters", code="bad_scope")
+        if "," in scope or not scope.isprintable():
+            raise AuthError(
+                f"scope {scope!r} contains a comma or a control character; give each "
+                "pattern on its own (repeat --scope, or one list element each)",
+                code="bad_scope",
+            )
+    return scopes
 
-    def __init__(self, algorithm: str, key: str, leeway: float = 30.0) -> None:
+
+def private_file(path: Path) -> None:
+    """Create ``path`` with mode 0600 if it does not exist; set an existing one to 0600."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    except PermissionError:
+        log.warning("cannot set %s to mode 0600 (not its owner)", path)
+    finally:
+        os.close(fd)
+
+
+class JwtVerifier:
+    """Verifies bearer JWTs with exactly one algorithm and key.
+
+    ``iat`` is required and ``exp - iat`` may be at most ``max_ttl`` seconds; ``issuer``
+    and ``audience``, when given, must match the ``iss`` and ``aud`` claims.
+    """
+
+    def __init__(
+        self,
+        algorithm: str,
+        key: str,
+        leeway: float = 30.0,
+        *,
+        max_ttl: float = 86_400.0,
+        issuer: str | None = None,
+        audience: str | None = None,
+    ) -> None:
         if algorithm not in ("HS256", "RS256"):
             raise AuthError(f"unsupported JWT algorithm {algorithm!r}", code="bad_config")
+        try:
+            signer = jwt.get_algorithm_by_name(algorithm)
+            weak = signer.check_key_length(signer.prepare_key(key))
+        except (jwt.InvalidKeyError, ValueError, TypeError):
+            raise AuthError(f"the {algorithm} key is not a valid key", code="bad_config") from None
+        if weak:  # HS256 under 32 bytes, RS256 under 2048 bits
+            raise AuthError(f"the {algorithm} key is too short: {weak}", code="bad_config")
         self.algorithm = algorithm
         self.key = key
         self.leeway = leeway
+        self.max_ttl = max_ttl
+        self.issuer = issuer
+        self.audience = audience
 
     def verify(self, token: str) -> Principal:
+        required = ["exp", "iat", "sub"]
+        required += ["iss"] if self.issuer else []
+        required += ["aud"] if self.audience else []
         try:
             claims = jwt.decode(
                 token,
                 self.key,
                 algorithms=[self.algorithm],
                 leeway=self.leeway,
-                options={"require": ["exp", "sub"]},
+                issuer=self.issuer,
+                audience=self.audience,
+                options={"require": required, "enforce_minimum_key_length": True},
             )
         except jwt.ExpiredSignatureError:
             raise AuthError("token expired") from None
         except jwt.InvalidTokenError as exc:
             raise AuthError(f"invalid token: {exc}") from None
+        try:
+            lifetime = float(claims["exp"]) - float(claims["iat"])
+        except (TypeError, ValueError):
+            raise AuthError("invalid token: exp and iat must be numbers") from None
+        if not lifetime <= self.max_ttl:
+            raise AuthError(f"invalid token: lives longer than {self.max_ttl:g} s (exp - iat)")
         role = claims.get("role", "viewer")
         scopes = claims.get("scopes", ["*"])
         if (
@@ -151,7 +228,7 @@ class JwtVerifier:
             or not all(isinstance(p, str) for p in scopes)
         ):
             raise AuthError("invalid token: bad role or scopes claim")
-        return Principal(f"jwt:{claims['sub']}", role, tuple(scopes) or ("*",))
+        return Principal(f"jwt:{claims['sub']}", role, tuple(scopes))  # [] sees no sensor
 
 
 class Authenticator:

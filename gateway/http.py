@@ -11,7 +11,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import resources
 from typing import TypeVar
@@ -19,27 +19,29 @@ from typing import TypeVar
 import orjson
 import uvicorn
 from starlette.applications import Starlette
+from starlette.concurrency import iterate_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from forecast import logs, metrics
 from forecast.errors import AuthError, ForecastError, ModelError, QueryError, StoreError
 from forecast.schemas import iso
 from gateway.auth import Authenticator, Principal, bearer
+from gateway.guards import BodyLimit, TrustedProxies, guarded_protocol
 from gateway.history import forecast_history
 from gateway.hub import Hub
-from gateway.limits import RateLimiter
+from gateway.limits import Network, RateLimiter
 from gateway.openapi import spec
 from models.registry import Registry
 from sinks.clickhouse import Store
 from sinks.export import MEDIA_TYPES, ExportRequest, export
-from sinks.query import run_readonly
+from sinks.query import Access, QueryLimits, run_readonly
 from streams.validate import Invalid, parse_time
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,9 @@ class ApiContext:
     store: Store | None = None
     registry: Registry | None = None
     checks: dict[str, Callable[[], Awaitable[bool]]] = field(default_factory=dict)
+    limits: QueryLimits = field(default_factory=QueryLimits)
+    export_max_rows: int = 2_000_000
+    export_timeout: float = 300.0
 
 
 def error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
@@ -74,7 +79,13 @@ REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 def create_app(
-    ctx: ApiContext, rate: str = "60/minute,1000/hour", cors_origins: str = ""
+    ctx: ApiContext,
+    rate: str = "60/minute,1000/hour",
+    cors_origins: str = "",
+    *,
+    max_body: int = 1 << 20,
+    body_timeout: float = 30.0,
+    trusted_proxies: tuple[Network, ...] = (),
 ) -> Starlette:
     def principal(request: Request, role: str = "viewer") -> Principal:
         token = bearer(request.headers.get("authorization"), request.query_params.get("token"))
@@ -117,7 +128,7 @@ def create_app(
         return JSONResponse(message)
 
     async def query(request: Request) -> Response:
-        principal(request, "analyst")
+        who = principal(request, "analyst")
         store = _need(ctx.store, "the store")
         try:
             body = await request.json()
@@ -125,14 +136,18 @@ def create_app(
             return error(400, "bad_request", 'body must be JSON: {"sql": "SELECT ..."}')
         if not isinstance(body, dict) or not isinstance(body.get("sql"), str):
             return error(400, "bad_request", 'body must be JSON: {"sql": "SELECT ..."}')
-        max_rows = body.get("max_rows", MAX_QUERY_ROWS)
-        if not isinstance(max_rows, int) or not 0 < max_rows <= MAX_QUERY_ROWS:
-            return error(400, "bad_request", f"max_rows must be 1..{MAX_QUERY_ROWS}")
-        result = await asyncio.to_thread(run_readonly, store, body["sql"], max_rows)
+        cap = ctx.limits.max_rows
+        max_rows = body.get("max_rows", cap)
+        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or not 0 < max_rows <= cap:
+            return error(400, "bad_request", f"max_rows must be 1..{cap}")
+        limits = replace(ctx.limits, max_rows=max_rows)
+        result = await asyncio.to_thread(
+            run_readonly, store, body["sql"], limits, Access(who.scopes)
+        )
         return Response(orjson.dumps(result.to_json(), default=str), media_type="application/json")
 
     async def export_endpoint(request: Request) -> Response:
-        principal(request, "analyst")
+        who = principal(request, "analyst")
         store = _need(ctx.store, "the store")
         params = request.query_params
         try:
@@ -145,8 +160,10 @@ def create_app(
             )
         except ValueError as exc:
             return error(400, "bad_request", str(exc))
-        body = await asyncio.to_thread(export, store, wanted)
-        return Response(body, media_type=MEDIA_TYPES[wanted.fmt])
+        chunks = await asyncio.to_thread(
+            export, store, wanted, Access(who.scopes), ctx.export_max_rows, ctx.export_timeout
+        )
+        return StreamingResponse(iterate_in_threadpool(chunks), media_type=MEDIA_TYPES[wanted.fmt])
 
     async def history(request: Request) -> Response:
         who = principal(request)
@@ -254,7 +271,7 @@ def create_app(
         ):
             return error(400, "bad_request", "scopes must be a list of patterns, name a string")
         key_id, token = await asyncio.to_thread(
-            ctx.auth.keys.create, body.get("role"), name, scopes or ["*"]
+            ctx.auth.keys.create, body.get("role"), name, scopes
         )
         return JSONResponse(
             {"key_id": key_id, "token": token, "note": "the token is shown only now"}
@@ -273,7 +290,7 @@ def create_app(
     async def on_forecast_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ForecastError)
         if isinstance(exc, AuthError):
-            status = {"forbidden": 403, "bad_request": 400}.get(exc.code, 401)
+            status = {"forbidden": 403, "bad_request": 400, "bad_scope": 400}.get(exc.code, 401)
             return error(status, exc.code, exc.message)
         if isinstance(exc, ModelError):
             status = 404 if exc.message.startswith("no model") else 409
@@ -334,13 +351,15 @@ def create_app(
         return response
 
     middleware = [
+        Middleware(TrustedProxies, trusted=trusted_proxies),
         Middleware(BaseHTTPMiddleware, dispatch=guard),
+        Middleware(BodyLimit, max_bytes=max_body, timeout=body_timeout),
         Middleware(GZipMiddleware, minimum_size=1024),
     ]
     origins = [o.strip() for o in cors_origins.split(",") if o.strip()]
     if origins:
         middleware.insert(
-            0,
+            1,
             Middleware(
                 CORSMiddleware,
                 allow_origins=origins,
@@ -391,11 +410,36 @@ def _time(text: str | None) -> datetime | None:
 
 
 class HttpServer:
-    """uvicorn inside the caller's event loop (the caller handles signals)."""
+    """uvicorn inside the caller's event loop (the caller handles signals).
 
-    def __init__(self, app: Starlette, host: str, port: int) -> None:
+    uvicorn's own ``X-Forwarded-For`` handling is off (it trusts 127.0.0.1 by default):
+    the app's ``TrustedProxies`` decides. Request heads must arrive within
+    ``header_timeout``, idle keep-alive connections close after ``keep_alive`` seconds,
+    and at most ``max_connections`` are open at once (``backlog`` more wait in the kernel).
+    """
+
+    def __init__(
+        self,
+        app: Starlette,
+        host: str,
+        port: int,
+        *,
+        header_timeout: float = 10.0,
+        keep_alive: float = 5.0,
+        max_connections: int = 1000,
+        backlog: int = 2048,
+    ) -> None:
         config = uvicorn.Config(
-            app, host=host, port=port, log_config=None, access_log=False, lifespan="off"
+            app,
+            host=host,
+            port=port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            http=guarded_protocol(header_timeout, max_connections),
+            proxy_headers=False,
+            timeout_keep_alive=keep_alive,  # type: ignore[arg-type]  # a float works
+            backlog=backlog,
         )
         self.server = _QuietServer(config)
         self.host, self.requested_port = host, port

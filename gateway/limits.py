@@ -1,10 +1,14 @@
-"""Rate limits: token buckets per caller, for rules such as ``60/minute,1000/hour``."""
+"""Rate limits: token buckets per caller, for rules such as ``60/minute,1000/hour``; and
+who the caller is behind trusted proxies (``X-Forwarded-For``)."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
 RULE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day)\s*$")
@@ -53,3 +57,54 @@ class RateLimiter:
             return max(waits)
         self._buckets[caller] = [(tokens - 1, at) for tokens, at in refilled]
         return None
+
+
+def parse_networks(text: str) -> tuple[Network, ...]:
+    """``"10.0.0.0/8, 127.0.0.1"`` to networks; ValueError naming a bad entry."""
+    networks = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ValueError(f"bad address or CIDR {part!r}") from None
+    return tuple(networks)
+
+
+def client_address(peer: str, forwarded_for: Iterable[str], trusted: tuple[Network, ...]) -> str:
+    """The caller's address: the peer, unless the peer is a trusted proxy; then the
+    right-most ``X-Forwarded-For`` entry that is not itself a trusted proxy.
+
+    Entries left of that one were written by the client and are never believed; so is
+    anything after an entry that is not an address (the nearest trusted hop is used).
+    """
+    if not trusted or not is_trusted(peer, trusted):
+        return peer
+    hops = [h.strip() for value in forwarded_for for h in value.split(",")]
+    client = peer
+    for hop in reversed(hops):
+        if not _is_address(hop):
+            break
+        client = hop
+        if not is_trusted(hop, trusted):
+            break
+    return client
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def is_trusted(address: str, trusted: tuple[Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in trusted)

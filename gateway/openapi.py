@@ -45,7 +45,7 @@ MODEL_VERSION = [
 ]
 STAGE = {"name": "stage", "in": "query", "schema": {"enum": ["production", "shadow"]}}
 OBJECT = {"type": "object"}
-GUARDED = (401, 403, 429)
+GUARDED = (401, 403, 408, 413, 429)  # every /v1/ route: credentials, request limits, rate
 
 
 def spec() -> dict:
@@ -214,7 +214,7 @@ def spec() -> dict:
             },
             "/v1/query": {
                 "post": {
-                    "summary": "Read-only SQL (analyst)",
+                    "summary": "One SELECT or DESCRIBE, read-only, capped, scoped (analyst)",
                     "security": AUTH,
                     "requestBody": {
                         "required": True,
@@ -224,7 +224,7 @@ def spec() -> dict:
                                     "type": "object",
                                     "required": ["sql"],
                                     "properties": {
-                                        "sql": {"type": "string", "maxLength": 100000},
+                                        "sql": {"type": "string", "maxLength": 65536},
                                         "max_rows": {
                                             "type": "integer",
                                             "minimum": 1,

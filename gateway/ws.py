@@ -3,7 +3,8 @@
 Client messages: ``subscribe`` (glob patterns, optional ``since_seq``), ``unsubscribe``,
 ``ping``. Server messages: ``subscribed``, ``unsubscribed``, ``prediction``, ``drift``,
 ``error`` (``code``, ``message``), ``pong``. A malformed message gets an ``error`` and
-the connection stays open.
+the connection stays open; so does one that fails in handling (code ``bad_message``),
+never a close with 1011. Only a short string or a 64-bit integer ``id`` is echoed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from forecast import metrics
 from forecast.errors import AuthError, ForecastError
 from gateway.auth import Authenticator, Principal, bearer
 from gateway.hub import Hub, Subscriber
-from gateway.limits import RateLimiter
+from gateway.limits import Network, RateLimiter, client_address
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ MAX_PATTERNS = 1000
 CLOSE_SLOW = 1013
 CLOSE_POLICY = 1008
 EVICT_TIMEOUT = 5.0
+MAX_ID = 128
 SEND_BUFFER = 256 * 1024
 
 History = Callable[[dict[str, tuple[int, int | None]]], list[tuple[str, int, bytes]]]
@@ -54,8 +56,11 @@ class StreamServer:
         history: History | None = None,
         connect_rate: str = "60/minute",
         message_rate: str = "20/second",
+        *,
+        trusted_proxies: tuple[Network, ...] = (),
     ) -> None:
         self.hub = hub
+        self.trusted_proxies = trusted_proxies
         self.history = history
         self.connects = RateLimiter(connect_rate)
         self.message_rate = message_rate
@@ -103,7 +108,9 @@ class StreamServer:
         sock = connection.transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        address = connection.remote_address[0] if connection.remote_address else "?"
+        peer = connection.remote_address[0] if connection.remote_address else "?"
+        forwarded = request.headers.get_all("X-Forwarded-For")
+        address = client_address(peer, forwarded, self.trusted_proxies)
         wait = self.connects.hit(address)
         if wait is not None:
             response = connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "too many connections\n")
@@ -131,8 +138,8 @@ class StreamServer:
                 if messages.hit("connection") is not None:
                     await self._close_abusive(connection, subscriber)
                     break
-                reply = await self._on_message(subscriber, frame)
-                if reply is not None and not subscriber.push(orjson.dumps(reply)):
+                reply = await self._reply(subscriber, frame)
+                if reply is not None and not subscriber.push(reply):
                     break
         except ConnectionClosed:
             pass
@@ -183,6 +190,16 @@ class StreamServer:
         except (TimeoutError, ConnectionClosed):
             connection.transport.abort()
 
+    async def _reply(self, subscriber: Subscriber, frame: str | bytes) -> bytes | None:
+        """The encoded reply to one client message; an ``error`` frame if handling or
+        encoding fails (the connection stays open)."""
+        try:
+            reply = await self._on_message(subscriber, frame)
+            return None if reply is None else orjson.dumps(reply)
+        except Exception:  # a bug or an input nobody foresaw: log it, keep the connection
+            log.exception("a websocket message could not be handled")
+            return orjson.dumps(_error("bad_message", "message could not be handled"))
+
     async def _on_message(self, subscriber: Subscriber, frame: str | bytes) -> dict | None:
         try:
             message = orjson.loads(frame)
@@ -192,9 +209,17 @@ class StreamServer:
             return _error("bad_request", "message must be a JSON object")
         op = message.get("op")
         if op == "ping":
-            return {"type": "pong", "id": message.get("id")}
+            ping_id = message.get("id")
+            if ping_id is not None and not _echoable(ping_id):
+                return _error(
+                    "bad_request",
+                    f"id must be a string of at most {MAX_ID} characters or a 64-bit integer",
+                )
+            return {"type": "pong", "id": ping_id}
         if op not in ("subscribe", "unsubscribe"):
-            return _error("unknown_op", f"unknown op {op!r}; use subscribe, unsubscribe or ping")
+            short = op is None or (isinstance(op, str) and len(op) <= MAX_ID)
+            shown = repr(op) if short else "(not a short string)"
+            return _error("unknown_op", f"unknown op {shown}; use subscribe, unsubscribe or ping")
         patterns = message.get("sensors")
         if (
             not isinstance(patterns, list)
@@ -239,6 +264,13 @@ class StreamServer:
         for sensor_id, seq, payload in missed:
             subscriber.offer(sensor_id, seq, payload)
         self.hub.subscribe(subscriber, patterns, since)
+
+
+def _echoable(value: object) -> bool:
+    """Whether a ping ``id`` may be echoed: a short string or a 64-bit integer."""
+    if isinstance(value, str):
+        return len(value) <= MAX_ID
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**64
 
 
 def _error(code: str, message: str) -> dict:

@@ -22,7 +22,7 @@ from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError
 from forecast.errors import QueryError, StoreError
 from forecast.schemas import DriftEvent, Prediction, Reading
 from forecast.settings import Settings
-from sinks.schema import DATABASE, migrations
+from sinks.schema import DATABASE, LOG_TABLES, migrations
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +44,19 @@ PREDICTION_COLUMNS = [
     "stage",
 ]
 READ_SETTINGS = {"final": 1}
+CHUNK_BYTES = 1 << 16
 
 
 class Store:
     """A thread-safe ClickHouse client with the engine's tables."""
 
-    def __init__(self, client: object, *, embedded: bool, dsn: str = "") -> None:
+    def __init__(
+        self, client: object, *, embedded: bool, dsn: str = "", analyst_dsn: str = ""
+    ) -> None:
         self.client = client
         self.embedded = embedded
         self.dsn = dsn
+        self.analyst_dsn = analyst_dsn or dsn
         self._lock = threading.Lock()  # chDB sessions are not re-entrant
 
     @classmethod
@@ -60,10 +64,15 @@ class Store:
         """Connect (chDB under ``data_dir/clickhouse`` unless a server URL is set) and migrate."""
         try:
             if settings.clickhouse_url is not None:
-                client = clickhouse_connect.get_client(
-                    dsn=settings.clickhouse_url.get_secret_value(), database="default"
+                dsn = settings.clickhouse_url.get_secret_value()
+                analyst = settings.clickhouse_analyst_url
+                client = clickhouse_connect.get_client(dsn=dsn, database="default")
+                store = cls(
+                    client,
+                    embedded=False,
+                    dsn=dsn,
+                    analyst_dsn="" if analyst is None else analyst.get_secret_value(),
                 )
-                store = cls(client, embedded=False)
             else:
                 path = Path(settings.data_dir, "clickhouse").resolve()
                 path.mkdir(parents=True, exist_ok=True)
@@ -76,13 +85,16 @@ class Store:
 
     @contextlib.contextmanager
     def analyst_session(self) -> Iterator[Store]:
-        """A session of its own for an analyst query. chDB keeps settings per session and
-        restores them one by one, so ``readonly`` could otherwise outlive the query and
-        lock the sink out; a server takes settings per request and needs none."""
-        if not self.embedded:
-            yield self
-            return
-        session = Store(clickhouse_connect.get_client(dsn=self.dsn), embedded=True, dsn=self.dsn)
+        """A client of its own for an analyst query: its settings (``readonly``, the caps,
+        the scope filters) never reach the sink's session, and a long export never holds
+        the sink's lock. On a server it logs in as ``FORECAST_CLICKHOUSE_ANALYST_URL``'s
+        user when that is set (``deploy/clickhouse/analyst.sql``)."""
+        options = {} if self.embedded else {"database": "default"}
+        try:
+            client = clickhouse_connect.get_client(dsn=self.analyst_dsn, **options)
+        except Exception as exc:  # the driver raises several unrelated types
+            raise StoreError(f"cannot open an analyst session: {exc}") from exc
+        session = Store(client, embedded=self.embedded, dsn=self.analyst_dsn)
         try:
             yield session
         finally:
@@ -130,11 +142,18 @@ class Store:
         """Store one processed batch; ``token`` makes an identical retry a no-op."""
         now = datetime.now(UTC)
         if readings:
-            self.insert("readings", reading_columns(readings, now), READING_COLUMNS, token)
+            self.insert(
+                LOG_TABLES["readings"], reading_columns(readings, now), READING_COLUMNS, token
+            )
         if predictions:
-            self.insert("predictions", prediction_columns(predictions), PREDICTION_COLUMNS, token)
+            self.insert(
+                LOG_TABLES["predictions"],
+                prediction_columns(predictions),
+                PREDICTION_COLUMNS,
+                token,
+            )
         if drift:
-            self.insert("drift_events", drift_columns(drift), DRIFT_COLUMNS, token)
+            self.insert(LOG_TABLES["drift_events"], drift_columns(drift), DRIFT_COLUMNS, token)
 
     def write_decision(self, action: str, model: str, version: int, detail: dict) -> None:
         """One step of the retraining loop (trigger, training, comparison, promotion)."""
@@ -188,6 +207,18 @@ class Store:
                 raise StoreError(str(exc).strip()) from exc
         return list(result.column_names), [tuple(row) for row in result.result_rows]
 
+    def parse(self, sql: str, parameters: dict | None = None) -> list[str]:
+        """The first column of a parsing query (``EXPLAIN AST``, ``formatQuery``), run with
+        no settings, so that what it shows is only what ``sql`` holds."""
+        with self._lock:
+            try:
+                result = self.client.query(sql, parameters=parameters)
+            except DatabaseError as exc:
+                raise QueryError(str(exc).strip()) from exc
+            except ClickHouseError as exc:
+                raise StoreError(str(exc).strip()) from exc
+        return [row[0] for row in result.result_rows]
+
     def raw(self, sql: str, parameters: dict, fmt: str, settings: dict) -> bytes:
         """A query's result in one of ClickHouse's own output formats."""
         with self._lock:
@@ -197,6 +228,21 @@ class Store:
                 raise QueryError(str(exc).strip()) from exc
             except ClickHouseError as exc:
                 raise StoreError(str(exc).strip()) from exc
+
+    def raw_stream(self, sql: str, parameters: dict, fmt: str, settings: dict) -> Iterator[bytes]:
+        """A query's result in one of ClickHouse's output formats, chunk by chunk."""
+        try:
+            with (
+                self._lock,
+                self.client.raw_stream(
+                    sql, parameters=parameters, settings=settings, fmt=fmt
+                ) as stream,
+            ):
+                yield from iter(lambda: stream.read(CHUNK_BYTES), b"")
+        except DatabaseError as exc:
+            raise QueryError(str(exc).strip()) from exc
+        except ClickHouseError as exc:
+            raise StoreError(str(exc).strip()) from exc
 
     def command(self, sql: str) -> None:
         with self._lock:

@@ -1,17 +1,21 @@
 """Exports of predictions or forecast errors for a sensor pattern and a time range.
 
-ClickHouse writes the file itself (CSVWithNames, JSONEachRow or Parquet), so an export of
-any size costs no Python per row.
+ClickHouse writes the file itself (CSVWithNames, JSONEachRow or Parquet) and the engine
+streams it on in chunks, so an export of any size costs no Python per row and no memory
+for the whole file. An export runs as the caller's analyst session (read-only, its scope
+applied as in :mod:`sinks.query`) and is refused before it starts if it would hold more
+than its row cap.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
 from forecast.errors import QueryError
-from sinks.clickhouse import READ_SETTINGS, Store
-from sinks.query import readonly_settings
+from sinks.clickhouse import Store
+from sinks.query import Access, QueryLimits, glob_to_like, session_settings, stream_readonly
 from sinks.schema import DATABASE
 
 FORMATS = {"csv": "CSVWithNames", "json": "JSONEachRow", "parquet": "Parquet"}
@@ -22,7 +26,7 @@ MEDIA_TYPES = {
 }
 SOURCES = {
     "predictions": (
-        f"{DATABASE}.predictions FINAL",
+        f"{DATABASE}.predictions",
         "sensor_id, ts, target_ts, horizon, yhat, lower, upper, model, "
         "model_version, issued_at, seq",
     ),
@@ -42,12 +46,11 @@ class ExportRequest:
     stop: datetime | None
     fmt: str  # csv | json | parquet
 
-    def sql(self) -> tuple[str, dict]:
+    def where(self) -> tuple[str, dict]:
         if self.what not in SOURCES:
             raise QueryError(f"unknown export {self.what!r}; one of {', '.join(SOURCES)}")
         if self.fmt not in FORMATS:
             raise QueryError(f"unknown format {self.fmt!r}; one of {', '.join(FORMATS)}")
-        source, columns = SOURCES[self.what]
         where = ["sensor_id LIKE {pattern:String}"]
         params: dict = {"pattern": glob_to_like(self.sensors)}
         if self.start is not None:
@@ -56,29 +59,38 @@ class ExportRequest:
         if self.stop is not None:
             where.append("ts < {stop:DateTime64(3, 'UTC')}")
             params["stop"] = self.stop
+        return " AND ".join(where), params
+
+    def sql(self) -> tuple[str, dict]:
+        where, params = self.where()
+        source, columns = SOURCES[self.what]
         return (
-            f"SELECT {columns} FROM {source} WHERE {' AND '.join(where)} "
-            f"ORDER BY sensor_id, ts, horizon"
-        ), params
+            f"SELECT {columns} FROM {source} WHERE {where} ORDER BY sensor_id, ts, horizon",
+            params,
+        )
 
 
-def export(store: Store, request: ExportRequest, timeout: float = 300.0) -> bytes:
-    sql, params = request.sql()
-    settings = readonly_settings(**READ_SETTINGS, max_execution_time=timeout)
+def export(
+    store: Store,
+    request: ExportRequest,
+    access: Access | None = None,
+    max_rows: int = 2_000_000,
+    timeout: float = 300.0,
+) -> Iterator[bytes]:
+    """The export's bytes, chunk by chunk. Counting its rows first (raising QueryError
+    with code ``export_too_large`` over ``max_rows``) happens before this returns."""
+    access = access or Access()
+    limits = QueryLimits(max_rows=max_rows, timeout=timeout, max_result_bytes=0)
+    settings = session_settings(limits, access)
+    where, params = request.where()
+    source, _ = SOURCES[request.what]
     with store.analyst_session() as session:
-        return session.raw(sql, params, FORMATS[request.fmt], settings)
-
-
-def glob_to_like(pattern: str) -> str:
-    """``ETTh1.*`` to ``ETTh1.%`` (LIKE's own wildcards in the pattern are escaped)."""
-    out = []
-    for char in pattern:
-        if char in "%_\\":
-            out.append("\\" + char)
-        elif char == "*":
-            out.append("%")
-        elif char == "?":
-            out.append("_")
-        else:
-            out.append(char)
-    return "".join(out)
+        rows = session.query(f"SELECT count() FROM {source} WHERE {where}", params, settings)[0][0]
+    if rows > max_rows:
+        raise QueryError(
+            f"the export holds {rows} rows, over the cap of {max_rows}; "
+            "narrow the sensors or the time range",
+            code="export_too_large",
+        )
+    sql, params = request.sql()
+    return stream_readonly(store, sql, params, FORMATS[request.fmt], settings)

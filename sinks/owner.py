@@ -23,6 +23,7 @@ def claim(run_dir: Path, url: str, token: str) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "owner.json"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a file that already exists
     with os.fdopen(fd, "wb") as handle:
         handle.write(orjson.dumps({"pid": os.getpid(), "url": url, "token": token}))
     return path

@@ -1,9 +1,11 @@
 """Versioned migrations of database `forecast`; the same SQL runs on chDB and a server.
 
-Tables are ReplacingMergeTree on deterministic keys, so a re-delivered batch never shows a
-duplicate: identical re-inserts are dropped by insert deduplication tokens, and any other
-repeat collapses on the key, which queries see at once with ``final = 1`` (set on every
-query path of the engine, and in the views).
+Rows land in ``*_log`` tables: ReplacingMergeTree on deterministic keys, where identical
+re-inserts are dropped by insert deduplication tokens and any other repeat (a batch
+re-delivered after a crash, cut differently) collapses on the key once parts merge.
+Everything anyone reads is a view over them with ``FINAL`` (``readings``, ``predictions``,
+``drift_events`` and the analyst views on those), so a repeat is never visible, with or
+without ``FINAL`` in the query. Analysts' SQL may not name the ``*_log`` tables.
 """
 
 from __future__ import annotations
@@ -126,4 +128,55 @@ def migrations(retention_days: int) -> list[tuple[int, str, list[str]]]:
                 {settings}""",
             ],
         ),
+        (
+            6,
+            "rows into *_log tables; readings, predictions, drift_events: de-duplicating views",
+            _deduplicating_views(),
+        ),
     ]
+
+
+LOG_TABLES = {
+    "readings": "readings_log",
+    "predictions": "predictions_log",
+    "drift_events": "drift_events_log",
+}
+"""Each table that rows are inserted into, by the name of the view analysts read."""
+
+VIEW_COLUMNS = {
+    "readings": "sensor_id, ts, value, covariates, ingested_at",
+    "predictions": "sensor_id, ts, target_ts, horizon, yhat, lower, upper, model, model_version, "
+    "issued_at, seq, stage",
+    "drift_events": "sensor_id, ts, detector, signal, model, model_version, detail, detected_at",
+}
+
+
+def _deduplicating_views() -> list[str]:
+    renames = ", ".join(
+        f"{DATABASE}.{view} TO {DATABASE}.{table}" for view, table in LOG_TABLES.items()
+    )
+    statements = [f"RENAME TABLE {renames}"]
+    statements += [
+        f"CREATE VIEW {DATABASE}.{view} AS SELECT {VIEW_COLUMNS[view]} "
+        f"FROM {DATABASE}.{table} FINAL"
+        for view, table in LOG_TABLES.items()
+    ]
+    statements += [
+        f"""CREATE OR REPLACE VIEW {DATABASE}.forecast_errors AS
+        SELECT p.sensor_id AS sensor_id, p.ts AS ts, p.target_ts AS target_ts,
+               p.horizon AS horizon, p.model AS model,
+               p.model_version AS model_version, p.yhat AS yhat,
+               p.lower AS lower, p.upper AS upper, r.value AS actual,
+               r.value - p.yhat AS error,
+               r.value >= p.lower AND r.value <= p.upper AS covered
+        FROM {DATABASE}.predictions AS p
+        INNER JOIN {DATABASE}.readings AS r
+            ON p.sensor_id = r.sensor_id AND p.target_ts = r.ts""",
+        f"""CREATE OR REPLACE VIEW {DATABASE}.drift_timeline AS
+        SELECT toStartOfHour(ts) AS hour, sensor_id, detector, signal, model,
+               model_version, count() AS events, any(detail) AS example
+        FROM {DATABASE}.drift_events
+        GROUP BY hour, sensor_id, detector, signal, model, model_version
+        ORDER BY hour, sensor_id""",
+    ]
+    return statements

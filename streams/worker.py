@@ -17,6 +17,12 @@ Store and broker failures that may pass are retried with backoff. Anything else 
 fault: the worker sets :attr:`Worker.failed` and stops taking records, and the process
 exits non-zero so that its supervisor restarts it from the committed offsets.
 
+A watch task probes the assigned partitions' end offsets every second
+(:mod:`streams.liveness`): no progress for ``FORECAST_STALL_TIMEOUT`` seconds fails the
+``consuming`` readiness check, ``FORECAST_STALL_EXIT`` seconds of it is a fault, and so,
+at once, are a crashed Faust service (its table recovery) and a broker that lost the
+data this worker had read.
+
 A dead letter carries the record's raw bytes (for a batch element: that element), its
 key, and headers ``dlq.reason``, ``dlq.detail``, ``dlq.topic``, ``dlq.partition``,
 ``dlq.offset`` and, for batch elements, ``dlq.index``. An oversize record keeps only its
@@ -26,6 +32,7 @@ first 64 KiB, with its full size in ``dlq.original_size``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter, defaultdict
@@ -34,7 +41,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import faust
 import orjson
 from aiokafka.errors import KafkaError
-from faust.exceptions import ProducerSendError
+from faust.exceptions import ConsistencyError, ConsumerNotStarted, ProducerSendError
 from faust.types import EventT
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind
@@ -48,6 +55,7 @@ from forecast.settings import Settings
 from forecast.tracing import TRACER
 from sinks.clickhouse import Store, batch_token
 from streams.drift import DriftMonitor
+from streams.liveness import Liveness, WorkerStalled, describe_loss
 from streams.ordering import OffsetOrder
 from streams.pipeline import BatchProcessor, BatchResult, ModelSet, RawRecord
 from streams.residuals import ResidualTracker
@@ -58,6 +66,8 @@ from streams.validate import Limits, Rejection
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 5.0
+STOP_TIMEOUT = 5.0  # for Faust's own stop; the process has 10 s from SIGTERM to exit
+PROBE_TIMEOUT = 2.0  # for the end offsets of the assigned partitions
 DLQ_MAX_VALUE = 64 * 1024
 
 
@@ -102,6 +112,7 @@ class Worker:
             settings.topic("forecast-worker"),
             broker=f"kafka://{bootstrap}",
             store="memory://",
+            datadir=str(settings.data_dir / "faust"),  # never the working directory
             topic_partitions=settings.kafka_partitions,
             web_enabled=False,
             broker_session_timeout=settings.kafka_session_timeout,
@@ -149,16 +160,48 @@ class Worker:
             value_serializer="raw",
             partitions=settings.kafka_partitions,
         )
+        self.readings = settings.topic("readings")
         self.order = OffsetOrder(self._committed)
         self.app.agent(self.readings_topic, name="ingest")(self._ingest)
         self.app.timer(1.0, name="reread-holes")(self._reread_holes)
         self.app.on_partitions_revoked.connect(self._on_revoked)
+        self.liveness = Liveness(settings.stall_timeout, settings.stall_exit)
+        self.busy_since: float | None = None  # a batch between hand-over and ack
+        self._watching: asyncio.Task | None = None
+        self._warned_at = 0.0
+        self.stopped = False  # Faust stopped within STOP_TIMEOUT
 
     async def start(self) -> None:
+        self.app.conf.datadir.mkdir(parents=True, exist_ok=True)  # Faust makes one level only
         await self.app.start()
+        self.liveness.progress_at = self.liveness.clock()  # the first rebalance starts now
+        self._watching = asyncio.create_task(self._watch(), name="worker-liveness")
 
     async def stop(self) -> None:
-        await self.app.stop()
+        """Stop Faust, giving up after STOP_TIMEOUT: a broker that does not answer holds a
+        commit or a group leave for a request timeout (90 s). Not ``wait_for``: it waits
+        for the cancelled stop to finish, and Faust's stop does not finish on a cancel."""
+        if self._watching is not None:
+            self._watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watching
+        stopping = asyncio.ensure_future(self.app.stop())
+        done, _ = await asyncio.wait([stopping], timeout=STOP_TIMEOUT)
+        if done:
+            stopping.result()
+            self.stopped = True
+        else:
+            log.error("Faust did not stop within %.1fs; the worker stops without it", STOP_TIMEOUT)
+
+    async def consuming(self) -> bool:
+        """The readiness check: no fault, and progress within FORECAST_STALL_TIMEOUT."""
+        return not self.failed.is_set() and not self.liveness.stalled()
+
+    def fail(self, exc: BaseException) -> None:
+        """Stop on a fault: the process exits non-zero and its supervisor restarts it."""
+        if not self.failed.is_set():
+            self.failure = exc
+            self.failed.set()
 
     async def _on_revoked(self, app: faust.App, revoked: set, **kwargs: object) -> None:
         """Hand the live states back to the table: whichever partitions return to this
@@ -174,19 +217,110 @@ class Worker:
         ):
             started = time.perf_counter()
             admission = self.order.sort(events, lambda e: (e.message.tp, e.message.offset))
+            if admission.admitted or admission.repeated:
+                self.liveness.took_in(
+                    {e.message.tp: e.message.offset + 1 for e in admission.admitted}
+                )
             await self._reread(admission.rewind)
             if admission.admitted:
+                self.busy_since = time.monotonic()
                 try:
                     await self.handle(admission.admitted)
                 except Exception as exc:  # a fault: stop, rather than skip or ack the batch
                     log.exception("worker stopped by a fault; the batch will be re-delivered")
-                    self.failure = exc
-                    self.failed.set()
+                    self.fail(exc)
                     return
+                finally:
+                    self.busy_since = None
             for event in (*admission.admitted, *admission.repeated):
                 await stream.ack(event)
             metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
             metrics.BATCH_RECORDS.observe(len(admission.admitted))
+
+    async def _watch(self) -> None:
+        """Probe progress every second (less when the stall timeout is short)."""
+        interval = min(1.0, self.settings.stall_timeout / 5)
+        probe: asyncio.Task | None = None
+        try:
+            while not self.failed.is_set():
+                await asyncio.sleep(interval)
+                try:
+                    probe = await self._probe(probe)
+                except Exception:  # keep watching: a watch that died would hide a stall
+                    log.exception("liveness probe failed")
+        finally:
+            if probe is not None:
+                probe.cancel()
+
+    async def _probe(self, probe: asyncio.Task | None) -> asyncio.Task | None:
+        """One look at the worker; returns the end-offsets request still in flight."""
+        crashed = crashed_service(self.app)
+        if crashed is not None:
+            self._stalled(crashed)
+            return probe
+        try:
+            tps = {tp for tp in self.app.consumer.assignment() if tp.topic == self.readings}
+        except ConsumerNotStarted:
+            tps = set()
+        ends = None
+        if tps:
+            probe = probe or asyncio.create_task(self._ends(tps))
+            await asyncio.wait([probe], timeout=PROBE_TIMEOUT)
+            if probe.done():  # else still waiting: the broker did not answer yet
+                ends, probe = probe.result(), None
+        reached = dict(self.liveness.reached)  # before the fetched ends are looked at
+        lost = self.liveness.observe(
+            {tp: self._position(tp) for tp in tps},
+            ends,
+            fetched={tp: self._highwater(tp) for tp in tps},
+            reached=reached,
+            recovering=self.app.rebalancing,
+        )
+        if lost:
+            metrics.BROKER_DATA_LOST.inc()
+            self._stalled(describe_loss(lost))
+        else:
+            self._report()
+        return probe
+
+    async def _ends(self, tps: set) -> dict | None:
+        """The end offsets of ``tps`` asked of the broker now, or None if it did not say."""
+        try:
+            return dict(await self.app.consumer.highwaters(*tps))
+        except Exception as exc:  # any failure is the same answer: not known now
+            log.debug("no end offsets: %s", exc)
+            return None
+
+    def _position(self, tp: object) -> int | None:
+        """The next offset the worker takes in from ``tp``, if known."""
+        expected = self.order.expected.get(tp)
+        return expected if expected is not None else self._committed(tp)
+
+    def _report(self) -> None:
+        idle = self.liveness.idle_for()
+        stalled = self.liveness.stalled()
+        metrics.WORKER_IDLE_SECONDS.set(idle)
+        metrics.WORKER_STALLED.set(int(stalled))
+        if not stalled:
+            self._warned_at = 0.0
+            return
+        cause = self.liveness.cause or "no records taken in"
+        if self.busy_since is not None:
+            busy = time.monotonic() - self.busy_since
+            cause += f"; a batch has waited {busy:.0f}s for the store or the broker"
+        if self.liveness.expired():
+            self._stalled(
+                f"no progress for {idle:.0f}s (FORECAST_STALL_EXIT="
+                f"{self.settings.stall_exit:g}): {cause}"
+            )
+        elif time.monotonic() - self._warned_at >= 10.0:
+            self._warned_at = time.monotonic()
+            log.warning("worker stalled: no progress for %.0fs: %s", idle, cause)
+
+    def _stalled(self, reason: str) -> None:
+        metrics.WORKER_STALLED.set(1)
+        log.error("worker stopped: %s", reason)
+        self.fail(WorkerStalled(reason))
 
     def _committed(self, tp: object) -> int | None:
         """Faust's committed offset of a partition (the next to read), if it knows one."""
@@ -221,7 +355,11 @@ class Worker:
         ) as span:
             span.set_attribute("messaging.batch.message_count", len(records))
             result = self.processor.process(records)
-            token = batch_token((r.topic, r.partition, r.offset) for r in records)
+            # The record's timestamp too: after a broker lost its data, new records reuse
+            # offsets, and a token of offsets only would drop them as repeats.
+            token = batch_token(
+                (f"{m.topic}@{m.timestamp}", m.partition, m.offset) for m in messages
+            )
             with TRACER.start_as_current_span("sink"):
                 started = time.perf_counter()
                 await self._store(result, token)
@@ -369,6 +507,20 @@ async def with_backoff(
             log.warning("%s failed, retrying in %.1fs: %s", what, delay, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_BACKOFF)
+
+
+def crashed_service(app: faust.App) -> str | None:
+    """Why a service of ``app`` crashed (mode marks the app when its table recovery
+    crashes, then leaves it running without consuming), or None."""
+    recovery = app.tables.recovery
+    for service in (recovery, app):
+        if service.crashed:
+            reason = service.crash_reason
+            hint = ""
+            if isinstance(reason, ConsistencyError):
+                hint = " (the broker lost the changelog's data: a restart starts afresh)"
+            return f"Faust's {service.shortlabel} crashed: {reason!r}{hint}"
+    return None
 
 
 def _retriable_send(exc: Exception) -> bool:

@@ -11,9 +11,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from sinks.clickhouse import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 ETTH1 = ROOT.parent / "shared" / "data" / "ett" / "ETTh1.csv"
@@ -167,3 +170,14 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     process.send_signal(signal.SIGINT)
     process.wait(20)
     process.stdout.close()
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+    """A real chDB store; chDB holds one data directory per process, so tests share it."""
+    from forecast.settings import load_settings
+    from sinks.clickhouse import Store
+
+    opened = Store.open(load_settings(data_dir=tmp_path_factory.mktemp("store")))
+    yield opened
+    opened.close()

@@ -22,7 +22,8 @@ SECRET = "s3cret-for-tests-only-0123456789abcdef"
 
 
 def claims(**extra: object) -> dict:
-    return {"sub": "app-1", "role": "analyst", "exp": time.time() + 60, **extra}
+    now = time.time()
+    return {"sub": "app-1", "role": "analyst", "iat": now, "exp": now + 60, **extra}
 
 
 @pytest.fixture

@@ -78,8 +78,11 @@ def test_query_opens_the_embedded_store_when_nothing_runs(tmp_path: Path) -> Non
         "model_leaderboard",
         "predictions",
         "readings",
-        "schema_migrations",
     ]
     refused = run_cli("query", "DROP TABLE forecast.readings", env=env)
     assert refused.returncode == 1
-    assert refused.stderr.startswith("error: only read queries")
+    assert refused.stderr.startswith("error: only SELECT and DESCRIBE queries are allowed")
+    outfile = tmp_path / "written"
+    refused = run_cli("query", f"SELECT 1 INTO OUTFILE '{outfile}'", env=env)
+    assert refused.returncode == 1 and "INTO OUTFILE" in refused.stderr
+    assert not outfile.exists()

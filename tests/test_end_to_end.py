@@ -88,7 +88,8 @@ async def test_http_health_ready_metrics_and_auth(system: System) -> None:
     async with httpx.AsyncClient(base_url=system.http) as client:
         assert (await client.get("/healthz")).json() == {"status": "ok"}
         ready = (await client.get("/readyz")).json()
-        assert ready == {"ready": True, "checks": {"broker": True, "store": True, "model": True}}
+        checks = {"broker": True, "store": True, "model": True, "consuming": True}
+        assert ready == {"ready": True, "checks": checks}
         metrics = (await client.get("/metrics")).text
         assert 'forecast_readings_total{reason="",result="accepted"}' in metrics
         anonymous = await client.get("/v1/sensors")
@@ -150,3 +151,39 @@ async def test_export_goes_through_the_running_engine(system: System, tmp_path) 
     async with httpx.AsyncClient(base_url=system.http) as client:
         viewer = {"Authorization": f"Bearer {system.viewer_token}"}
         assert (await client.get("/v1/export", headers=viewer)).status_code == 403
+
+
+async def test_analyst_sql_over_http_is_judged_capped_and_scoped(system: System, tmp_path) -> None:
+    made = await asyncio.to_thread(
+        system.cli, "keys", "create", "--role", "analyst", "--scope", "ETTh1.OT"
+    )
+    assert made.returncode == 0, made.stderr
+    token = next(w for w in made.stdout.split() if w.startswith("fk_"))
+    scoped = {"Authorization": f"Bearer {token}"}
+    out = tmp_path / "pwned.sh"
+    async with httpx.AsyncClient(base_url=system.http, timeout=60) as client:
+
+        async def sql(text: str) -> httpx.Response:
+            return await client.post("/v1/query", json={"sql": text}, headers=scoped)
+
+        seen = await sql("SELECT DISTINCT sensor_id FROM forecast.predictions")
+        assert seen.status_code == 200, seen.text
+        assert seen.json()["rows"] == [["ETTh1.OT"]]
+        for text, code in [
+            (f"SELECT 'echo pwned' AS x INTO OUTFILE '{out}' APPEND", "sql_into_outfile"),
+            (f"SELECT * FROM file('{out}')", "sql_table_function"),
+            ("SELECT query FROM system.processes", "sql_table"),
+            ("SELECT * FROM forecast.readings_log", "sql_table"),
+            ("SELECT 1 SETTINGS max_memory_usage = 0", "sql_settings"),
+        ]:
+            answer = await sql(text)
+            assert answer.status_code == 400, text
+            assert answer.json()["error"]["code"] == code, answer.text
+            assert (
+                code.removeprefix("sql_").split("_")[0] in answer.json()["error"]["message"].lower()
+            )
+        assert not out.exists()
+        export = await client.get("/v1/export", params={"sensors": "*"}, headers=scoped)
+        assert export.status_code == 200
+        exported = {line.split(",")[0].strip('"') for line in export.text.splitlines()[1:]}
+        assert exported == {"ETTh1.OT"}

@@ -102,6 +102,35 @@ def count_offline(data_dir: Path) -> int:
     return int(out.stdout.splitlines()[-1])
 
 
+WITHOUT_FINAL = """
+import sys
+from forecast.settings import load_settings
+from sinks.clickhouse import Store
+
+store = Store.open(load_settings(data_dir=sys.argv[1]))
+for sql in (
+    "SELECT count() - uniqExact(sensor_id, ts) FROM forecast.readings",
+    "SELECT count() - uniqExact(sensor_id, model, model_version, ts, horizon) "
+    "FROM forecast.predictions",
+):
+    print(store.query(sql, settings={"final": 0})[0][0])
+"""
+
+
+def duplicates_without_final(data_dir: Path) -> list[int]:
+    """Rows seen twice in readings and predictions by a direct ClickHouse user who sets
+    ``final = 0`` (the store opened by a process of its own, once the engine stopped)."""
+    out = subprocess.run(
+        [sys.executable, "-c", WITHOUT_FINAL, str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return [int(line) for line in out.stdout.split()]
+
+
 def test_sigkill_mid_stream_then_restart_gives_the_uninterrupted_predictions(
     broker: str, tmp_path: Path
 ) -> None:
@@ -110,3 +139,4 @@ def test_sigkill_mid_stream_then_restart_gives_the_uninterrupted_predictions(
     assert [r["n"] for r in reference] == [(ROWS - 1) * 24] * 7
     assert {(r["first"], r["last"]) for r in reference} == {(1, ROWS - 1)}
     assert recovered == reference
+    assert duplicates_without_final(tmp_path / "killed") == [0, 0]

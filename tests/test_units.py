@@ -7,14 +7,13 @@ import asyncio
 import orjson
 import pytest
 
-from forecast.errors import ConfigError, QueryRejected
+from forecast.errors import ConfigError
 from forecast.settings import load_settings
 from gateway.auth import Principal
 from gateway.hub import Hub, Subscriber
 from models.base import NOT_DUE
 from models.baseline import SeasonalNaive
 from sinks.clickhouse import batch_token, prediction_columns
-from sinks.query import check_readonly
 from streams.ordering import Admission, OffsetOrder
 from streams.pipeline import BatchProcessor, ModelSet, RawRecord
 from streams.state import SensorState
@@ -281,43 +280,6 @@ async def test_a_full_queue_marks_only_that_subscriber() -> None:
     assert drain(fast) == [1, 2, 3, 4, 5]
     assert drain(slow) == [1, 2]
     await asyncio.sleep(0)
-
-
-# -- query checks -------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "sql",
-    [
-        "SELECT 1",
-        " select * from forecast.readings; ",
-        "WITH 1 AS x SELECT x",
-        "SELECT ';' AS semicolon",
-        "SHOW TABLES FROM forecast",
-        "DESCRIBE forecast.readings",
-        "SELECT 1 -- trailing; comment",
-    ],
-)
-def test_read_queries_pass(sql: str) -> None:
-    assert check_readonly(sql)
-
-
-@pytest.mark.parametrize(
-    "sql",
-    [
-        "",
-        "  ;  ",
-        "DROP TABLE forecast.readings",
-        "INSERT INTO t VALUES (1)",
-        "SELECT 1; DROP TABLE forecast.readings",
-        "ALTER TABLE x DELETE WHERE 1",
-        "/* SELECT */ DELETE FROM x",
-        "SET readonly = 0",
-    ],
-)
-def test_other_queries_are_rejected(sql: str) -> None:
-    with pytest.raises(QueryRejected):
-        check_readonly(sql)
 
 
 # -- settings -----------------------------------------------------------------------------
