@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up the project on this machine, then run the system or the tests.
 #   bash deploy/local.sh up [forecast up options]   # everything on embedded defaults
-#   bash deploy/local.sh test [pytest options]      # lint + the whole test suite
+#   bash deploy/local.sh test [pytest options]      # lint, import contracts, the test suite
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,6 +53,7 @@ case "${1:-}" in
     test_tools
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .
+    "$VENV/bin/lint-imports"  # the one-way layers (pyproject.toml, [tool.importlinter])
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
   *)

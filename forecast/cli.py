@@ -7,7 +7,7 @@ import contextlib
 import csv
 import functools
 import io
-import sys
+import os
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,34 +16,11 @@ from typing import Any, BinaryIO
 import click
 import orjson
 
+from forecast import cli_models
+from forecast.cli_common import command
+from forecast.cli_common import settings_from_env as _settings
 from forecast.errors import ForecastError
-from forecast.logs import setup_logging
-from forecast.settings import Settings, load_settings
-
-
-def _settings() -> Settings:
-    settings = load_settings()
-    setup_logging(settings.log_level)
-    return settings
-
-
-def command(group: click.Group, name: str | None = None, **kwargs: Any) -> Callable:
-    """A click command whose ForecastError becomes one line on stderr and exit 1."""
-
-    def decorate(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kw: Any) -> Any:
-            try:
-                return fn(*args, **kw)
-            except ForecastError as exc:
-                click.echo(f"error: {exc.message}", err=True)
-                sys.exit(1)
-            except KeyboardInterrupt:
-                sys.exit(130)
-
-        return group.command(name, **kwargs)(wrapper)
-
-    return decorate
+from forecast.settings import Settings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -85,18 +62,35 @@ def main() -> None:
     show_default=True,
     help="Simulated readings per second, all sensors together.",
 )
-def up(replay_file: Path | None, sensors: int | None, speed: float, rate: float) -> None:
-    """Run everything on embedded defaults: broker, worker, gateway, dashboard."""
+@click.option(
+    "--workers",
+    default="1",
+    show_default=True,
+    help="Worker processes sharing the partitions: a number, or `auto` (one per core).",
+)
+def up(
+    replay_file: Path | None, sensors: int | None, speed: float, rate: float, workers: str
+) -> None:
+    """Run everything on embedded defaults: broker, workers, sink, gateway, dashboard."""
     from forecast.runtime import Parts, run
     from streams.feeds import replay_csv, simulate
 
     settings = _settings()
+    count = _worker_count(workers)
     feeder = None
     if replay_file is not None:
         feeder = functools.partial(replay_csv, path=replay_file, speed=speed)
     elif sensors is not None:
         feeder = functools.partial(simulate, sensors=sensors, rate=rate)
-    asyncio.run(run(settings, Parts(worker=True, gateway=True), feeder=feeder))
+    asyncio.run(run(settings, Parts(workers=count), feeder=feeder))
+
+
+def _worker_count(text: str) -> int:
+    if text == "auto":
+        return os.cpu_count() or 1
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise ForecastError(f"--workers {text!r}: a number from 1 to 64, or auto")
+    return int(text)
 
 
 @command(main, "worker")
@@ -104,7 +98,15 @@ def worker() -> None:
     """Run a stream worker (and its /metrics, /healthz, /readyz on FORECAST_HTTP_PORT)."""
     from forecast.runtime import Parts, run
 
-    asyncio.run(run(_settings(), Parts(worker=True, gateway=False)))
+    asyncio.run(run(_settings(), Parts(worker=True, sink=False, gateway=False)))
+
+
+@command(main, "sink")
+def sink() -> None:
+    """Run the ClickHouse sink, the retraining loop and the HTTP API with analyst SQL."""
+    from forecast.runtime import Parts, run
+
+    asyncio.run(run(_settings(), Parts(worker=False, sink=True, gateway=False)))
 
 
 @command(main, "gateway")
@@ -112,7 +114,7 @@ def gateway() -> None:
     """Run the websocket gateway and the HTTP API."""
     from forecast.runtime import Parts, run
 
-    asyncio.run(run(_settings(), Parts(worker=False, gateway=True)))
+    asyncio.run(run(_settings(), Parts(worker=False, sink=False, gateway=True)))
 
 
 @command(main, "broker")
@@ -374,8 +376,8 @@ def export_cmd(
     what: str, sensors: str, start: str | None, stop: str | None, fmt: str, output: Path | None
 ) -> None:
     """Export predictions or forecast errors for a sensor pattern and a time range."""
+    from forecast.parsing import Invalid, parse_time
     from sinks.export import ExportRequest, export
-    from streams.validate import Invalid, parse_time
 
     if fmt == "parquet" and output is None:
         raise ForecastError("--format parquet needs --output FILE")
@@ -503,4 +505,5 @@ def keys_revoke(key_id: str) -> None:
     click.echo(f"revoked {key_id}")
 
 
-from forecast import cli_models  # noqa: E402, F401 - registers the model commands
+for _commands in (cli_models.train, cli_models.models, cli_models.bench):
+    main.add_command(_commands)

@@ -1,9 +1,8 @@
-"""``forecast train``, ``forecast models ...`` and ``forecast bench accuracy``."""
+"""``forecast train``, ``forecast models ...`` and ``forecast bench ...`` (registered by
+:mod:`forecast.cli`); the benchmarks themselves live in :mod:`bench`."""
 
 from __future__ import annotations
 
-import os
-import platform
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import click
 import orjson
 
-from forecast.cli import _settings, command, main
+from forecast.cli_common import command, machine, settings_from_env
 from forecast.errors import ForecastError
 
 PUBLISHED = [
@@ -80,7 +79,7 @@ def _fit(kind: str, data: Path, **options):
     return series, fitted
 
 
-@command(main, "train")
+@command(None, "train")
 @click.option(
     "--data",
     "data",
@@ -101,11 +100,24 @@ def _fit(kind: str, data: Path, **options):
     type=click.Choice(["production", "shadow"]),
     help="Put the new version in this stage at once.",
 )
-def train(data: Path, model: str, name: str | None, promote: str | None, **options) -> None:
+@click.option(
+    "--result",
+    "result_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the outcome as JSON (name, version, stage, metrics) to this file.",
+)
+def train(
+    data: Path,
+    model: str,
+    name: str | None,
+    promote: str | None,
+    result_file: Path | None,
+    **options,
+) -> None:
     """Train a model under the chronological protocol, evaluate it and register it."""
     from models.registry import Registry
 
-    settings = _settings()
+    settings = settings_from_env()
     _series, fitted = _fit(model, data, **options)
     registry = Registry(settings.models_dir)
     result = fitted.result
@@ -119,13 +131,22 @@ def train(data: Path, model: str, name: str | None, promote: str | None, **optio
     if promote:
         registry.promote(name or model, version, promote)
         click.echo(f"promoted {name or model} v{version} to {promote}")
+    if result_file is not None:
+        outcome = {
+            "name": name or model,
+            "version": version,
+            "stage": promote,
+            "valid": result.valid.as_dict(),
+            "test": result.test.as_dict(),
+        }
+        result_file.write_bytes(orjson.dumps(outcome))
 
 
 def _metrics(values: dict) -> str:
     return "  ".join(f"{k} {v:.4f}" for k, v in values.items())
 
 
-@main.group()
+@click.group()
 def models() -> None:
     """List, inspect, promote and roll back registered models."""
 
@@ -133,7 +154,7 @@ def models() -> None:
 def _registry():
     from models.registry import Registry
 
-    return Registry(_settings().models_dir)
+    return Registry(settings_from_env().models_dir)
 
 
 @command(models, "list")
@@ -201,7 +222,7 @@ def models_rollback(stage: str) -> None:
     click.echo(f"{stage} is back to {ref.name} v{ref.version}")
 
 
-@main.group()
+@click.group()
 def bench() -> None:
     """Benchmarks (they report what they measured, on which machine)."""
 
@@ -240,7 +261,7 @@ def bench_accuracy(
     from models.lstm import LinearLSTMNet
     from models.train import Metrics, evaluate
 
-    _settings()
+    settings_from_env()
     series, lstm = _fit("lstm", dataset, **{**options, "batches_per_epoch": None})
     config, result = lstm.config, lstm.result
     if config.lookback < season:
@@ -284,7 +305,7 @@ def bench_accuracy(
             "published (ETTh1, horizon 96): "
             + ", ".join(f"{n} {m:.3f}/{a:.3f}" for n, m, a in PUBLISHED)
         )
-    click.echo(_machine())
+    click.echo(machine())
     given = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items() if v is not None)
     click.echo(
         f"command: forecast bench accuracy --dataset {dataset} {given} "
@@ -315,10 +336,10 @@ def bench_drift(dataset: Path, detectors: str, injections: int, shift: float, sc
     """Detection delay on injected shifts and false alarms per 10,000 readings."""
     from dataclasses import replace
 
+    from bench.drift import run, summary
     from models.data import load_wide_csv
-    from streams.drift_bench import run, summary
 
-    settings = _settings()
+    settings = settings_from_env()
     try:
         config = replace(settings.drift_config(), detectors=tuple(detectors.split(",")))
     except ValueError as exc:
@@ -336,7 +357,7 @@ def bench_drift(dataset: Path, detectors: str, injections: int, shift: float, sc
         f"level shift {shift} sd, variance x{scale}; delays in readings (missed after 500); "
         f"{report.readings} untouched readings; {report.seconds:.1f}s"
     )
-    click.echo(_machine())
+    click.echo(machine())
     click.echo(
         f"command: forecast bench drift --dataset {dataset} --detectors {detectors} "
         f"--injections {injections} --shift {shift} --scale {scale}"
@@ -354,15 +375,24 @@ def bench_drift(dataset: Path, detectors: str, injections: int, shift: float, sc
 )
 @click.option("--sensors", type=click.IntRange(1, 1_000_000), default=1000, show_default=True)
 @click.option("--horizon", type=click.IntRange(1, 1000), default=24, show_default=True)
-def bench_throughput(readings: int, per_record: int, sensors: int, horizon: int) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(0, 64),
+    default=0,
+    show_default=True,
+    help="Also run 1 and N worker processes (as `forecast up --workers N`); 0: not.",
+)
+def bench_throughput(
+    readings: int, per_record: int, sensors: int, horizon: int, workers: int
+) -> None:
     """Readings/s through the worker, beside a plain Faust agent and a raw consumer."""
     import asyncio
 
-    from streams.throughput_bench import throughput
+    from bench.throughput import throughput
 
-    _settings()
+    settings_from_env()
     click.echo(f"producing {readings} readings ({per_record} per record)...", err=True)
-    r = asyncio.run(throughput(readings, per_record, sensors, horizon))
+    r = asyncio.run(throughput(readings, per_record, sensors, horizon, workers))
     click.echo(
         f"{r.readings} readings in {r.records} records over {sensors} sensors; "
         f"each forecast {horizon} steps ahead"
@@ -371,15 +401,22 @@ def bench_throughput(readings: int, per_record: int, sensors: int, horizon: int)
     for label, seconds in (
         ("raw aiokafka consumer (getmany + orjson)", r.raw_seconds),
         ("plain Faust agent (decode each record)", r.faust_seconds),
-        ("engine worker (validate, forecast, ClickHouse, publish)", r.engine_seconds),
+        ("engine worker (validate, forecast, publish)", r.engine_seconds),
     ):
         rate = r.per_second(seconds)
         click.echo(f"{label:<58}{rate:>12,.0f} readings/s  ({engine / rate:.2f}x)")
-    click.echo("the ratio column is the engine's rate over each row's rate")
-    click.echo(_machine())
+    for count, seconds in r.processes.items():
+        rate = r.per_second(seconds)
+        label = f"engine, {count} worker process{'es' if count > 1 else ''}"
+        click.echo(f"{label:<58}{rate:>12,.0f} readings/s  ({engine / rate:.2f}x)")
+    if len(r.processes) == 2:
+        one, many = (r.per_second(s) for s in r.processes.values())
+        click.echo(f"{workers} worker processes over 1: {many / one:.2f}x")
+    click.echo("the ratio column is the in-process engine's rate over each row's rate")
+    click.echo(machine())
     click.echo(
         f"command: forecast bench throughput --readings {readings} --per-record {per_record} "
-        f"--sensors {sensors} --horizon {horizon}"
+        f"--sensors {sensors} --horizon {horizon}" + (f" --workers {workers}" if workers else "")
     )
 
 
@@ -391,9 +428,9 @@ def bench_latency(rate: float, sensors: int, seconds: float) -> None:
     """Reading produced to prediction received by a websocket subscriber."""
     import asyncio
 
-    from streams.throughput_bench import latency
+    from bench.throughput import latency
 
-    _settings()
+    settings_from_env()
     click.echo(f"{rate:.0f} readings/s over {sensors} sensors for {seconds:.0f}s...", err=True)
     r = asyncio.run(latency(rate, sensors, seconds))
     click.echo(f"sent {r.sent} readings, {r.received} predictions received")
@@ -401,7 +438,7 @@ def bench_latency(rate: float, sensors: int, seconds: float) -> None:
         f"reading -> prediction at the subscriber: p50 {r.p50 * 1000:.1f} ms, "
         f"p99 {r.p99 * 1000:.1f} ms, max {r.max * 1000:.1f} ms (budget: p99 < 50 ms)"
     )
-    click.echo(_machine())
+    click.echo(machine())
     click.echo(
         f"command: forecast bench latency --rate {rate:g} --sensors {sensors} --seconds {seconds:g}"
     )
@@ -419,9 +456,9 @@ def bench_latency(rate: float, sensors: int, seconds: float) -> None:
 @click.option("--tft-cadence", type=click.IntRange(1, 10_000), default=24, show_default=True)
 def bench_memory(sensors: int, minutes: float, tft_cadence: int) -> None:
     """Resident memory holding state for many sensors, LSTM and TFT loaded."""
-    from streams.memory_bench import run
+    from bench.memory import run
 
-    settings = _settings()
+    settings = settings_from_env()
     with click.progressbar(length=337, label="filling windows", file=sys.stderr) as bar:
 
         def progress(rounds: int, mib: float) -> None:
@@ -442,7 +479,7 @@ def bench_memory(sensors: int, minutes: float, tft_cadence: int) -> None:
         f"({growth:+.0f} MiB), peak {r.peak:.0f} MiB (budget: under 1536 MiB, flat)"
     )
     click.echo(f"state: {r.state_bytes / sensors / 1024:.1f} KiB per sensor as stored JSON")
-    click.echo(_machine())
+    click.echo(machine())
     click.echo(
         f"command: forecast bench memory --sensors {sensors} --minutes {minutes:g} "
         f"--tft-cadence {tft_cadence}"
@@ -467,23 +504,24 @@ def bench_memory(sensors: int, minutes: float, tft_cadence: int) -> None:
 )
 @click.option("--sensors", type=click.IntRange(1, 1_000_000), default=1000, show_default=True)
 def bench_sink(batches: int, batch_readings: int, horizon: int, sensors: int) -> None:
-    """Rows per second into a fresh chDB store in worker-sized batches."""
-    from sinks.bench import run
+    """The sink's rate: worker-sized Arrow batches from the store topic into chDB."""
+    from bench.sink import run
 
     result = run(batches, batch_readings, horizon, sensors)
     click.echo(
-        f"{result.batches} batches of {batch_readings} readings + "
-        f"{batch_readings * horizon} prediction rows, {sensors} sensors"
+        f"{result.batches} batches of {batch_readings} readings, each with a {horizon}-step "
+        f"prediction ({result.records} store records), {sensors} sensors"
     )
     click.echo(
-        f"rows/s: {result.rows_per_second:,.0f}  (readings/s with their predictions: "
-        f"{result.readings / result.seconds:,.0f})"
+        f"sink: {result.predictions_per_second:,.0f} predictions/s with their readings "
+        f"({result.rows_per_second:,.0f} rows/s; "
+        f"{result.predictions_per_second * horizon:,.0f} prediction steps/s)"
     )
     click.echo(
-        f"flush per batch: p50 {result.flush_p50 * 1000:.0f} ms, "
-        f"p99 {result.flush_p99 * 1000:.0f} ms"
+        f"worker side: {result.encode_seconds / result.readings * 1e6:.1f} us per reading "
+        "to build and encode the Arrow records"
     )
-    click.echo(_machine())
+    click.echo(machine())
     click.echo(
         f"command: forecast bench sink --batches {batches} --batch-readings "
         f"{batch_readings} --horizon {horizon} --sensors {sensors}"
@@ -504,9 +542,9 @@ def bench_fanout(subscribers: int, messages: int, rate: float) -> None:
     """Latency from a prediction on Kafka to its frame at every websocket subscriber."""
     import asyncio
 
-    from gateway.fanout_bench import run
+    from bench.fanout import run
 
-    _settings()
+    settings_from_env()
     report = asyncio.run(run(subscribers, messages, rate))
     click.echo(
         f"{report['subscribers']} subscribers x {report['messages']} predictions = "
@@ -517,18 +555,8 @@ def bench_fanout(subscribers: int, messages: int, rate: float) -> None:
         f"p99 {report['p99'] * 1000:.1f} ms, max {report['max'] * 1000:.1f} ms "
         "(budget: p99 < 100 ms)"
     )
-    click.echo(_machine())
+    click.echo(machine())
     click.echo(
         f"command: forecast bench fanout --subscribers {subscribers} --messages "
         f"{messages} --rate {rate}"
-    )
-
-
-def _machine() -> str:
-    import torch
-
-    return (
-        f"machine: {platform.machine()}, {os.cpu_count()} cpus, python "
-        f"{platform.python_version()}, torch {torch.__version__}, "
-        f"{'cuda' if torch.cuda.is_available() else 'cpu'}"
     )

@@ -2,8 +2,8 @@
 
 ForecastError
 ├── ConfigError        a FORECAST_* variable is missing or invalid (names it and its value)
-├── BrokerError        the Kafka broker cannot be started or reached        (retriable)
-├── StoreError         ClickHouse failed or is slow                          (retriable)
+├── BrokerError        the Kafka broker cannot be started or reached
+├── StoreError         ClickHouse failed or is slow (callers retry with backoff)
 ├── QueryError         ClickHouse refused an analyst query (unknown column, timeout, ...)
 │   └── QueryRejected  refused before it ran (not one SELECT, a file, a table function, ...);
 │                      its code names what (``sql_into_outfile``, ``sql_table``, ...)
@@ -19,7 +19,6 @@ class ForecastError(Exception):
     """Base of every error the engine raises on purpose."""
 
     code = "error"
-    retriable = False
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -33,12 +32,10 @@ class ConfigError(ForecastError):
 
 class BrokerError(ForecastError):
     code = "broker_unavailable"
-    retriable = True
 
 
 class StoreError(ForecastError):
     code = "store_unavailable"
-    retriable = True
 
 
 class QueryError(ForecastError):

@@ -139,6 +139,11 @@ SINK_FLUSH_SECONDS = Histogram(
 )
 SINK_ROWS = Counter("forecast_sink_rows", "Rows stored, by table.", ["table"], registry=REGISTRY)
 SINK_ERRORS = Counter("forecast_sink_errors", "Failed store writes (retried).", registry=REGISTRY)
+SINK_REJECTED = Counter(
+    "forecast_sink_rejected",
+    "Records on the store topic that were not a table of the engine (skipped, logged).",
+    registry=REGISTRY,
+)
 WS_CONNECTIONS = Gauge("forecast_ws_connections", "Open websocket connections.", registry=REGISTRY)
 WS_MESSAGES = Counter(
     "forecast_ws_messages", "Websocket messages sent, by type.", ["type"], registry=REGISTRY

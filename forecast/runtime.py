@@ -19,6 +19,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol
 
 import orjson
 from aiokafka import AIOKafkaProducer
@@ -26,6 +27,7 @@ from aiokafka import AIOKafkaProducer
 from forecast import tracing
 from forecast.errors import ForecastError
 from forecast.settings import Settings
+from forecast.workers import WorkerPool
 from gateway.auth import Authenticator, JwtVerifier, KeyStore
 from gateway.feed import Feed
 from gateway.history import missed
@@ -33,12 +35,13 @@ from gateway.http import ApiContext, HttpServer, create_app
 from gateway.hub import Hub
 from gateway.ws import StreamServer
 from models.registry import Registry
-from models.retrain import Retrainer
 from models.serving import ModelWatcher, pick_device
 from sinks import owner
 from sinks.clickhouse import Store
+from sinks.consumer import Sink
 from sinks.query import QueryLimits
 from streams.broker import EmbeddedBroker, ensure_topics, wait_until_ready
+from streams.retrain import DriftListener, Retrainer
 from streams.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -49,12 +52,24 @@ SHUTDOWN_DEADLINE = 9.0  # seconds from SIGTERM (or a worker fault) to the proce
 
 @dataclass
 class Parts:
+    """What one process runs. ``workers`` > 1: that many worker processes instead of one
+    in-process worker, supervised by this one (``forecast up --workers N``)."""
+
     worker: bool = True
+    sink: bool = True
     gateway: bool = True
+    workers: int = 1
 
 
 def key_store(settings: Settings) -> KeyStore:
     return KeyStore(settings.data_dir / "keys.db")
+
+
+def authenticator(settings: Settings) -> Authenticator:
+    """Who a websocket or HTTP client is: API keys, JWTs (or nobody checked, auth off)."""
+    return Authenticator(
+        key_store(settings), enabled=settings.auth, jwt_verifier=jwt_verifier(settings)
+    )
 
 
 def jwt_verifier(settings: Settings) -> JwtVerifier | None:
@@ -89,25 +104,12 @@ async def run(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
     async with contextlib.AsyncExitStack() as stack:
-        service = (
-            "up" if parts.worker and parts.gateway else "worker" if parts.worker else "gateway"
-        )
-        if tracing.setup(service):
+        service = "up" if parts.worker and parts.gateway else "worker" if parts.worker else "sink"
+        if tracing.setup(service if parts.worker or parts.sink else "gateway"):
             stack.callback(tracing.shutdown)
             announce("tracing:   on (OTEL_TRACES_EXPORTER)")
-        if settings.kafka_bootstrap is None:
-            broker = await stack.enter_async_context(EmbeddedBroker(settings.broker_port))
-            bootstrap = broker.bootstrap
-            announce(f"kafka:     {bootstrap} (embedded tansu, in memory: nothing kept)")
-        else:
-            bootstrap = settings.kafka_bootstrap
-            await wait_until_ready(bootstrap, 30.0)
-            announce(f"kafka:     {bootstrap}")
-        await ensure_topics(bootstrap, settings)
-
-        auth = Authenticator(
-            key_store(settings), enabled=settings.auth, jwt_verifier=jwt_verifier(settings)
-        )
+        bootstrap = await start_broker(stack, settings, announce)
+        auth = authenticator(settings)
         ctx = ApiContext(
             auth=auth,
             registry=Registry(settings.models_dir),
@@ -116,53 +118,29 @@ async def run(
             export_timeout=settings.export_timeout,
         )
         ctx.checks["broker"] = lambda: _broker_answers(bootstrap)
-        if parts.worker or settings.clickhouse_url is not None:
+        failing: list[Failing] = []
+        if parts.sink or settings.clickhouse_url is not None:
             store = await asyncio.to_thread(Store.open, settings)
             stack.callback(store.close)
             ctx.store = store
             ctx.checks["store"] = lambda: asyncio.to_thread(store.ping)
+        if parts.sink:
+            sink = await start_sink(stack, settings, bootstrap, store)
+            ctx.checks["sink"] = _flag(lambda: sink.healthy)
         worker = None
-        if parts.worker:
-            watcher = ModelWatcher(
-                Registry(settings.models_dir),
-                settings.horizon,
-                settings.season,
-                pick_device(settings.device),
-            )
-            await asyncio.to_thread(watcher.refresh)
-            worker = Worker(settings, bootstrap, ctx.store, lambda: watcher.current)
-            await worker.start()
-            stack.push_async_callback(worker.stop)
-            watching = asyncio.create_task(watcher.run(), name="model-watcher")
-            stack.push_async_callback(_cancel, watching)
-            if settings.retrain:
-                retrainer = Retrainer(settings, ctx.store, Registry(settings.models_dir))
-                worker.on_drift = retrainer.notice
-                comparing = asyncio.create_task(retrainer.run(), name="retrain-compare")
-                stack.push_async_callback(_cancel, comparing)
-                stack.push_async_callback(retrainer.stop)
+        if parts.worker and parts.workers > 1:
+            pool = WorkerPool(settings, bootstrap, parts.workers)
+            await pool.start()
+            stack.push_async_callback(pool.stop)
+            failing.append(pool)
+            announce(f"workers:   {parts.workers} processes, pids {pool.pids()}")
+        elif parts.worker:
+            worker = await start_worker(stack, settings, bootstrap)
+            failing.append(worker)
             ctx.checks["model"] = _true
             ctx.checks["consuming"] = worker.consuming
         if parts.gateway:
-            hub = Hub(settings.replay_buffer)
-            ctx.hub = hub
-            feed = Feed(settings, bootstrap, hub)
-            await feed.start()
-            stack.push_async_callback(feed.stop)
-            history = None if ctx.store is None else functools.partial(missed, ctx.store)
-            stream = StreamServer(
-                hub,
-                auth,
-                settings.http_host,
-                settings.ws_port,
-                settings.ws_queue_size,
-                history,
-                settings.rate_ws_connect,
-                settings.rate_ws_messages,
-                trusted_proxies=settings.proxy_networks,
-            )
-            await stream.start()
-            stack.push_async_callback(stream.stop)
+            stream = await start_gateway(stack, settings, bootstrap, ctx)
         http = HttpServer(
             create_app(
                 ctx,
@@ -200,22 +178,118 @@ async def run(
             feed_task = asyncio.create_task(_feed(feeder, bootstrap, settings, announce))
             stack.push_async_callback(_cancel, feed_task)
         waits = [asyncio.create_task(stopping.wait())]
-        if worker is not None:
-            waits.append(asyncio.create_task(worker.failed.wait()))
+        waits += [asyncio.create_task(part.failed.wait()) for part in failing]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for waiting in waits:
             waiting.cancel()
+        watchdog.reason = _failure(failing)
         watchdog.arm()
         announce("stopping")
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.remove_signal_handler(sig)
     if worker is None or worker.stopped:
         watchdog.disarm()  # else Faust's consumer thread may still hold the process
-    if worker is not None and worker.failure is not None:
-        failure = worker.failure
-        if isinstance(failure, ForecastError):
-            raise ForecastError(f"the worker stopped: {failure.message}")
-        raise ForecastError(f"the worker stopped on a fault: {failure!r}")
+    reason = _failure(failing)
+    if reason is not None:
+        raise ForecastError(reason)
+
+
+def _failure(failing: list[Failing]) -> str | None:
+    """Why a part failed, as the process's last line says it."""
+    for part in failing:
+        if isinstance(part.failure, ForecastError):
+            return f"the worker stopped: {part.failure.message}"
+        if part.failure is not None:
+            return f"the worker stopped on a fault: {part.failure!r}"
+    return None
+
+
+class Failing(Protocol):
+    """A part that can fail while it runs: the process then stops, saying why."""
+
+    failed: asyncio.Event
+    failure: BaseException | None
+
+
+async def start_broker(
+    stack: contextlib.AsyncExitStack, settings: Settings, announce: Callable[[str], None]
+) -> str:
+    """The embedded broker (unless one is configured), with the engine's topics."""
+    if settings.kafka_bootstrap is None:
+        broker = await stack.enter_async_context(EmbeddedBroker(settings.broker_port))
+        bootstrap = broker.bootstrap
+        announce(f"kafka:     {bootstrap} (embedded tansu, in memory: nothing kept)")
+    else:
+        bootstrap = settings.kafka_bootstrap
+        await wait_until_ready(bootstrap, 30.0)
+        announce(f"kafka:     {bootstrap}")
+    await ensure_topics(bootstrap, settings)
+    return bootstrap
+
+
+async def start_sink(
+    stack: contextlib.AsyncExitStack, settings: Settings, bootstrap: str, store: Store
+) -> Sink:
+    """The ClickHouse sink (unless ClickHouse's Kafka engine stores the topics:
+    ``FORECAST_SINK_CONSUME=false``), and the one retraining loop, which needs the store."""
+    sink = Sink(settings, bootstrap, store)
+    if settings.sink_consume:
+        await sink.start()
+        stack.push_async_callback(sink.stop)
+    if settings.retrain:
+        retrainer = Retrainer(settings, store, Registry(settings.models_dir))
+        listener = DriftListener(settings, bootstrap, retrainer.notice)
+        await listener.start()
+        stack.push_async_callback(listener.stop)
+        comparing = asyncio.create_task(retrainer.run(), name="retrain-compare")
+        stack.push_async_callback(_cancel, comparing)
+        stack.push_async_callback(retrainer.stop)
+    return sink
+
+
+async def start_worker(
+    stack: contextlib.AsyncExitStack, settings: Settings, bootstrap: str
+) -> Worker:
+    """A stream worker serving the registry's models (hot-swapped as they change)."""
+    watcher = ModelWatcher(
+        Registry(settings.models_dir),
+        settings.horizon,
+        settings.season,
+        pick_device(settings.device),
+    )
+    await asyncio.to_thread(watcher.refresh)
+    worker = Worker(settings, bootstrap, lambda: watcher.current)
+    await worker.start()
+    stack.push_async_callback(worker.stop)
+    watching = asyncio.create_task(watcher.run(), name="model-watcher")
+    stack.push_async_callback(_cancel, watching)
+    return worker
+
+
+async def start_gateway(
+    stack: contextlib.AsyncExitStack, settings: Settings, bootstrap: str, ctx: ApiContext
+) -> StreamServer:
+    """The live feed, the hub and the websocket server (the HTTP API is the caller's)."""
+    hub = Hub(settings.replay_buffer)
+    ctx.hub = hub
+    feed = Feed(settings, bootstrap, hub)
+    await feed.start()
+    stack.push_async_callback(feed.stop)
+    history = None if ctx.store is None else functools.partial(missed, ctx.store)
+    stream = StreamServer(
+        hub,
+        ctx.auth,
+        settings.http_host,
+        settings.ws_port,
+        settings.ws_queue_size,
+        history,
+        settings.rate_ws_connect,
+        settings.rate_ws_messages,
+        trusted_proxies=settings.proxy_networks,
+    )
+    await stream.start()
+    stack.push_async_callback(stream.stop)
+    return stream
 
 
 class Watchdog:
@@ -224,6 +298,7 @@ class Watchdog:
 
     def __init__(self, deadline: float) -> None:
         self.deadline = deadline
+        self.reason: str | None = None  # said on the way out, if stopping was for a fault
         self._timer: threading.Timer | None = None
 
     def arm(self) -> None:
@@ -247,6 +322,8 @@ class Watchdog:
             "message": f"stopping took longer than {self.deadline:.1f}s: exiting now",
         }
         os.write(2, orjson.dumps(line) + b"\n")
+        if self.reason is not None:
+            os.write(2, f"error: {self.reason}\n".encode())
         os._exit(1)
 
 
@@ -278,3 +355,10 @@ async def _broker_answers(bootstrap: str) -> bool:
 
 async def _true() -> bool:
     return True
+
+
+def _flag(value: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return value()
+
+    return check

@@ -71,6 +71,19 @@ class DriftEvent:
             "detail": self.detail,
         }
 
+    @classmethod
+    def from_message(cls, message: dict) -> DriftEvent:
+        """The event of a `drift-events` message (ValueError, KeyError if malformed)."""
+        return cls(
+            str(message["sensor_id"]),
+            datetime.fromisoformat(message["ts"]).timestamp(),
+            str(message["detector"]),
+            str(message["signal"]),
+            str(message["model"]),
+            int(message["model_version"]),
+            dict(message.get("detail") or {}),
+        )
+
 
 def iso(ts: float) -> str:
     """RFC 3339 UTC with millisecond precision, e.g. ``2016-07-01T00:00:00.000Z``."""

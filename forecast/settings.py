@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from forecast.errors import ConfigError
+from forecast.options import SIGNALS, DriftConfig, Network, parse_networks, parse_rules
 
 ENV_PREFIX = "FORECAST_"
 
@@ -33,6 +34,8 @@ class Settings(BaseSettings):
     # ClickHouse
     clickhouse_url: SecretStr | None = Field(None, description="http://user:pass@host:8123/db")
     retention_days: int = Field(365, ge=1, le=36500)
+    sink_batch_records: int = Field(200, ge=1, le=100_000, description="store records per insert")
+    sink_consume: bool = Field(True, description="false: ClickHouse's Kafka engine stores them")
     clickhouse_analyst_url: SecretStr | None = Field(
         None, description="a read-only user for analyst SQL (deploy/clickhouse/analyst.sql)"
     )
@@ -72,6 +75,10 @@ class Settings(BaseSettings):
     trusted_proxies: str = Field("", description="addresses/CIDRs allowed to set X-Forwarded-For")
 
     # Stream processing
+    worker_id: str = Field("0", pattern=r"^[A-Za-z0-9_-]{1,32}$", description="of N workers")
+    worker_app: str = Field(
+        "forecast-worker", pattern=r"^[A-Za-z0-9._-]{1,100}$", description="Faust app and group"
+    )
     batch_max: int = Field(2000, ge=1)
     batch_window: float = Field(0.05, gt=0, le=60)
     max_record_bytes: int = Field(1_000_000, ge=64)
@@ -123,8 +130,6 @@ class Settings(BaseSettings):
     @field_validator("drift_detectors")
     @classmethod
     def _detectors(cls, value: str) -> str:
-        from streams.drift import SIGNALS
-
         unknown = {d.strip() for d in value.split(",") if d.strip()} - set(SIGNALS)
         if unknown:
             raise ValueError(f"unknown detectors {sorted(unknown)}; known: {sorted(SIGNALS)}")
@@ -133,16 +138,12 @@ class Settings(BaseSettings):
     @field_validator("rate_http", "rate_ws_connect", "rate_ws_messages")
     @classmethod
     def _rate(cls, value: str) -> str:
-        from gateway.limits import parse_rules
-
         parse_rules(value)
         return value
 
     @field_validator("trusted_proxies")
     @classmethod
     def _proxies(cls, value: str) -> str:
-        from gateway.limits import parse_networks
-
         parse_networks(value)
         return value
 
@@ -193,10 +194,8 @@ class Settings(BaseSettings):
     def horizons(self) -> tuple[int, ...]:
         return tuple(sorted({int(h) for h in self.residual_horizons.split(",") if h.strip()}))
 
-    def drift_config(self):
-        """The drift detectors' configuration (streams.drift.DriftConfig)."""
-        from streams.drift import DriftConfig
-
+    def drift_config(self) -> DriftConfig:
+        """The drift detectors' configuration."""
         return DriftConfig(
             detectors=tuple(d.strip() for d in self.drift_detectors.split(",") if d.strip()),
             adwin_delta=self.drift_adwin_delta,
@@ -207,10 +206,8 @@ class Settings(BaseSettings):
         )
 
     @cached_property
-    def proxy_networks(self) -> tuple:
-        """FORECAST_TRUSTED_PROXIES as networks (gateway.limits.Network)."""
-        from gateway.limits import parse_networks
-
+    def proxy_networks(self) -> tuple[Network, ...]:
+        """FORECAST_TRUSTED_PROXIES as networks."""
         return parse_networks(self.trusted_proxies)
 
     @property

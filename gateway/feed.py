@@ -13,6 +13,7 @@ from aiokafka.errors import KafkaError
 from opentelemetry.trace import SpanKind
 
 from forecast import tracing
+from forecast.kafka import refresh_metadata
 from forecast.settings import Settings
 from forecast.tracing import TRACER
 from gateway.hub import Hub
@@ -37,7 +38,6 @@ class Feed:
             fetch_max_wait_ms=FETCH_WAIT_MS,  # the broker may hold an empty fetch this long
         )
         self._task: asyncio.Task | None = None
-        self.ready = asyncio.Event()
 
     async def start(self) -> None:
         await self.consumer.start()
@@ -45,14 +45,13 @@ class Feed:
         for topic in (self.predictions, self.drift):
             ids = self.consumer.partitions_for_topic(topic)
             if ids is None:
-                await self.consumer._client.force_metadata_update()
+                await refresh_metadata(self.consumer)
                 ids = self.consumer.partitions_for_topic(topic) or set()
             partitions += [TopicPartition(topic, p) for p in sorted(ids)]
         self.consumer.assign(partitions)
         await self.consumer.seek_to_end(*partitions)
         for tp in partitions:  # resolve the positions now, so nothing published later is missed
             await self.consumer.position(tp)
-        self.ready.set()
         self._task = asyncio.create_task(self._run(), name="gateway-feed")
 
     async def stop(self) -> None:

@@ -1,33 +1,61 @@
-"""Guards in front of the HTTP app: trusted proxies, a body cap, header and idle timeouts.
+"""Guards in front of the HTTP app: request ids, rate limits and security headers;
+trusted proxies; a body cap; header and idle timeouts.
 
-``TrustedProxies`` and ``BodyLimit`` are plain ASGI middleware; ``GuardedH11Protocol``
-is uvicorn's h11 protocol with a deadline for the request head (uvicorn has a keep-alive
-timeout but none for a connection that never finishes its headers) and a cap on
-connections that is enforced when a connection opens, not only when a request arrives.
+``RequestGuard``, ``TrustedProxies``, ``BodyLimit`` and ``HeadAsGet`` are plain ASGI
+middleware;
+``GuardedH11Protocol`` is uvicorn's h11 protocol with a deadline for the request head
+(uvicorn has a keep-alive timeout but none for a connection that never finishes its
+headers) and a cap on connections that is enforced when a connection opens, not only
+when a request arrives.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
+import math
+import re
 import time
+import uuid
 from typing import Any
 
 import h11
 import orjson
+from starlette.datastructures import Headers, MutableHeaders, QueryParams
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from gateway.limits import Network, client_address, is_trusted
+from forecast import logs
+from gateway.auth import bearer
+from gateway.limits import Network, RateLimiter, client_address, is_trusted
+
+log = logging.getLogger(__name__)
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
 
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": (
+        "default-src 'self'; connect-src 'self' ws: wss:; "
+        "script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'"
+    ),
+}
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
-class BodyTooLarge(Exception):
-    """The request body went past the cap while it was being read."""
 
+class BodyRefused(HTTPException):
+    """The request body went past the cap (413) or did not arrive in time (408). Raised
+    while the app reads the body, so the app's handler for HTTPException answers it
+    (with ``code``); ``BodyLimit`` answers if it gets here unanswered."""
 
-class BodyTimeout(Exception):
-    """The request body did not arrive within the time allowed."""
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(status, message, headers={"Connection": "close"})
+        self.code = code
 
 
 async def send_error(send: Any, status: int, code: str, message: str) -> None:
@@ -39,6 +67,88 @@ async def send_error(send: Any, status: int, code: str, message: str) -> None:
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class RequestGuard:
+    """Every request gets an ``X-Request-ID`` (the caller's if well formed, else a new
+    one; bound to the logs while it runs) and the security headers; ``/v1/`` requests
+    are rate limited per address and per key (429 ``rate_limited`` with ``Retry-After``)
+    and logged with their status and duration."""
+
+    def __init__(self, app: Any, rate: str) -> None:
+        self.app = app
+        self.limiter = RateLimiter(rate)
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        request_id = headers.get("x-request-id", "")
+        if not REQUEST_ID.match(request_id):
+            request_id = uuid.uuid4().hex
+        status = 0
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                out = MutableHeaders(scope=message)
+                out["X-Request-ID"] = request_id
+                for name, value in SECURITY_HEADERS.items():
+                    out.setdefault(name, value)
+            await send(message)
+
+        path = scope["path"]
+        versioned = path.startswith("/v1/")
+        wait = self._wait(scope, headers) if versioned else None
+        started = time.perf_counter()
+        bound = logs.REQUEST_ID.set(request_id)
+        try:
+            if wait is None:
+                await self.app(scope, receive, guarded_send)
+            else:
+                refused = JSONResponse(
+                    {
+                        "error": {
+                            "code": "rate_limited",
+                            "message": "too many requests; see Retry-After",
+                        }
+                    },
+                    429,
+                    headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                )
+                await refused(scope, receive, guarded_send)
+            if versioned:
+                took = (time.perf_counter() - started) * 1000
+                log.info("%s %s %d %.1f ms", scope["method"], path, status, took)
+        finally:
+            logs.REQUEST_ID.reset(bound)
+
+    def _wait(self, scope: Scope, headers: Headers) -> float | None:
+        """Seconds until the caller may ask again (its address or key), or None."""
+        token = bearer(
+            headers.get("authorization"), QueryParams(scope["query_string"]).get("token")
+        )
+        client = scope.get("client")
+        callers = [f"addr:{client[0] if client else '?'}"]
+        if token:
+            callers.append("key:" + hashlib.sha256(token.encode()).hexdigest()[:24])
+        waits = [w for c in callers if (w := self.limiter.hit(c)) is not None]
+        return max(waits) if waits else None
+
+
+class HeadAsGet:
+    """HEAD is answered as GET (the server sends no body), as Starlette's routes do;
+    FastAPI's routes answer only the methods they declare."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
 
 
 class TrustedProxies:
@@ -96,11 +206,12 @@ class BodyLimit:
                 async with asyncio.timeout_at(_loop_time(deadline)):
                     message = await receive()
             except TimeoutError:
-                raise BodyTimeout from None
+                late = f"request body not received within {self.timeout:g} s"
+                raise BodyRefused(408, "body_timeout", late) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise BodyTooLarge
+                    raise BodyRefused(413, "body_too_large", too_large)
                 complete = not message.get("more_body", False)
             return message
 
@@ -111,14 +222,10 @@ class BodyLimit:
 
         try:
             await self.app(scope, limited_receive, tracked_send)
-        except (BodyTooLarge, BodyTimeout) as exc:
+        except BodyRefused as exc:
             if started:
                 raise
-            if isinstance(exc, BodyTooLarge):
-                await send_error(send, 413, "body_too_large", too_large)
-            else:
-                message = f"request body not received within {self.timeout:g} s"
-                await send_error(send, 408, "body_timeout", message)
+            await send_error(send, exc.status_code, exc.code, exc.detail)
 
 
 def _loop_time(deadline: float) -> float:

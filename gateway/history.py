@@ -1,8 +1,13 @@
 """Predictions a resuming client missed that the gateway no longer holds in memory,
-read back from ClickHouse exactly as they were published."""
+read back from ClickHouse exactly as they were published.
+
+The sink stores a prediction shortly after it was published (it is a consumer of its
+own), so a gap that ends at a known ``seq`` may not be in the store in full yet: it is
+read again until it is, for at most ``CATCH_UP`` seconds."""
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 
 import orjson
@@ -12,46 +17,56 @@ from sinks.clickhouse import Store
 from sinks.schema import DATABASE
 
 MAX_RESUME = 10_000  # predictions per resume from the store
+CATCH_UP = 5.0  # seconds to wait for the sink to store a gap in full
 
 Gaps = dict[str, tuple[int, int | None]]  # sensor -> (after seq, before seq or None)
 
 
 def missed(store: Store, gaps: Gaps) -> list[tuple[str, int, bytes]]:
     """Published predictions with ``after < seq < before`` per sensor, in seq order."""
+    deadline = time.monotonic() + CATCH_UP
+    while True:
+        found = _stored(store, gaps)
+        if _complete(found, gaps) or time.monotonic() > deadline or len(found) >= MAX_RESUME:
+            return found
+        time.sleep(0.1)
+
+
+def _complete(found: list[tuple[str, int, bytes]], gaps: Gaps) -> bool:
+    """Whether every gap with a known end is there in full (``seq`` counts up by one)."""
+    counts: dict[str, int] = {}
+    for sensor, _, _ in found:
+        counts[sensor] = counts.get(sensor, 0) + 1
+    return all(
+        counts.get(sensor, 0) >= before - after - 1
+        for sensor, (after, before) in gaps.items()
+        if before is not None
+    )
+
+
+def _stored(store: Store, gaps: Gaps) -> list[tuple[str, int, bytes]]:
     if not gaps:
         return []
     clauses, params = [], {}
     for i, (sensor, (after, before)) in enumerate(sorted(gaps.items())):
-        clause = f"(sensor_id = {{s{i}:String}} AND seq > {{a{i}:UInt64}}"
+        clause = f"(sensor_id = {{s{i}:String}} AND seq > {{a{i}:Int64}}"
         params[f"s{i}"], params[f"a{i}"] = sensor, after
         if before is not None:
             clause += f" AND seq < {{b{i}:UInt64}}"
             params[f"b{i}"] = before
         clauses.append(clause + ")")
     sql = f"""
-        SELECT sensor_id, seq, toFloat64(ts) AS at, toFloat64(any(issued_at)) AS issued,
-               model, model_version,
-               dateDiff('millisecond', ts, anyIf(target_ts, horizon = 1)) / 1000 AS step,
-               arraySort(x -> x.1, groupArray((horizon, yhat, lower, upper))) AS steps
+        SELECT sensor_id, seq, toFloat64(ts), toFloat64(issued_at), model, model_version,
+               step_seconds, yhat, lower, upper
         FROM {DATABASE}.predictions
         WHERE stage = 'production' AND ({" OR ".join(clauses)})
-        GROUP BY sensor_id, seq, ts, model, model_version
         ORDER BY sensor_id, seq
         LIMIT {MAX_RESUME}"""
     out = []
-    for sensor, seq, at, issued, model, version, step, steps in store.query(sql, params):
-        prediction = Prediction(
-            sensor,
-            at,
-            issued,
-            model,
-            version,
-            step,
-            [s[1] for s in steps],
-            [s[2] for s in steps],
-            [s[3] for s in steps],
-            seq,
-        )
+    for sensor, seq, at, issued, model, version, step, yhat, lower, upper in store.query(
+        sql, params
+    ):
+        prediction = Prediction(sensor, at, issued, model, version, step, yhat, lower, upper, seq)
         out.append((sensor, seq, orjson.dumps(prediction.to_message())))
     return out
 
@@ -69,7 +84,7 @@ def forecast_history(
         params["stop"] = stop
     sql = f"""
         SELECT seq FROM {DATABASE}.predictions WHERE {" AND ".join(where)}
-        GROUP BY seq ORDER BY seq DESC LIMIT {int(limit)}"""
+        ORDER BY seq DESC LIMIT {int(limit)}"""
     seqs = [row[0] for row in store.query(sql, params)]
     if not seqs:
         return []

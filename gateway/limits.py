@@ -4,26 +4,12 @@ who the caller is behind trusted proxies (``X-Forwarded-For``)."""
 from __future__ import annotations
 
 import ipaddress
-import re
 import time
 from collections.abc import Callable, Iterable
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+from forecast.options import Network, parse_rules
 
-PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
-RULE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day)\s*$")
 MAX_CALLERS = 100_000
-
-
-def parse_rules(text: str) -> list[tuple[int, float]]:
-    """``"60/minute,1000/hour"`` to ``[(60, 60.0), (1000, 3600.0)]``; ValueError if bad."""
-    rules = []
-    for part in text.split(","):
-        match = RULE.match(part)
-        if match is None or int(match.group(1)) < 1:
-            raise ValueError(f"bad rate {part.strip()!r}: use N/second|minute|hour|day")
-        rules.append((int(match.group(1)), PERIODS[match.group(2)]))
-    return rules
 
 
 class RateLimiter:
@@ -57,19 +43,6 @@ class RateLimiter:
             return max(waits)
         self._buckets[caller] = [(tokens - 1, at) for tokens, at in refilled]
         return None
-
-
-def parse_networks(text: str) -> tuple[Network, ...]:
-    """``"10.0.0.0/8, 127.0.0.1"`` to networks; ValueError naming a bad entry."""
-    networks = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        try:
-            networks.append(ipaddress.ip_network(part, strict=False))
-        except ValueError:
-            raise ValueError(f"bad address or CIDR {part!r}") from None
-    return tuple(networks)
 
 
 def client_address(peer: str, forwarded_for: Iterable[str], trusted: tuple[Network, ...]) -> str:

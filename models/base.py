@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -39,6 +40,19 @@ class StreamingForecaster(Protocol):
         """Advance each state by its reading, in order (a state may appear several
         times); return the forecast after each reading, None until enough history, or
         ``NOT_DUE`` between the forecasts of a model that forecasts every k readings."""
+
+
+@dataclass(frozen=True)
+class ModelSet:
+    """What forecasts now: the baseline that always answers (the fallback), the
+    production model (None = baseline only) and a shadow."""
+
+    baseline: StreamingForecaster
+    production: StreamingForecaster | None = None
+    shadow: StreamingForecaster | None = None
+
+    def serving(self) -> list[StreamingForecaster]:
+        return [m for m in (self.baseline, self.production, self.shadow) if m is not None]
 
 
 def place(window: list, value: float, newer: int, replace: bool, limit: int) -> None:

@@ -14,9 +14,9 @@ import torch
 
 from forecast import metrics
 from forecast.errors import ModelError
+from models.base import ModelSet
 from models.baseline import SeasonalNaive
 from models.registry import ModelRef, Registry
-from streams.pipeline import ModelSet
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Temporal Fusion Transformer (pytorch-forecasting) over the online features.
 
-Inputs per reading, built from the online features of :mod:`streams.features`, all free
+Inputs per reading, built from the online features of :mod:`models.features`, all free
 of the sensor's unit so that one model serves any sensor:
 
 * unknown: the value (normalised per encoder window by the dataset's
@@ -31,8 +31,8 @@ import torch
 
 from models.base import NOT_DUE, Interval, Item, NotDue
 from models.data import Split, calendar
+from models.features import CALENDAR, FeatureSpec, OnlineFeatures, batch_features
 from models.train import Metrics
-from streams.features import CALENDAR, FeatureSpec, OnlineFeatures, batch_features
 
 FEATURES = FeatureSpec(lags=(), diffs=(24,), windows=(24,), ewm_alphas=(0.1,))
 UNKNOWN = ("value", "level_z", "ewm_gap", "season_z")

@@ -17,32 +17,18 @@ from pathlib import Path
 
 import clickhouse_connect
 import orjson
+import pyarrow as pa
 from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError
 
 from forecast.errors import QueryError, StoreError
 from forecast.schemas import DriftEvent, Prediction, Reading
 from forecast.settings import Settings
+from sinks.batches import batch_tables
 from sinks.schema import DATABASE, LOG_TABLES, migrations
 
 log = logging.getLogger(__name__)
 
-READING_COLUMNS = ["sensor_id", "ts", "value", "covariates", "ingested_at"]
-DRIFT_COLUMNS = ["sensor_id", "ts", "detector", "signal", "model", "model_version", "detail"]
 DECISION_COLUMNS = ["at", "action", "model", "model_version", "detail"]
-PREDICTION_COLUMNS = [
-    "sensor_id",
-    "ts",
-    "target_ts",
-    "horizon",
-    "yhat",
-    "lower",
-    "upper",
-    "model",
-    "model_version",
-    "issued_at",
-    "seq",
-    "stage",
-]
 READ_SETTINGS = {"final": 1}
 CHUNK_BYTES = 1 << 16
 
@@ -139,21 +125,29 @@ class Store:
         token: str,
         drift: Sequence[DriftEvent] = (),
     ) -> None:
-        """Store one processed batch; ``token`` makes an identical retry a no-op."""
-        now = datetime.now(UTC)
-        if readings:
-            self.insert(
-                LOG_TABLES["readings"], reading_columns(readings, now), READING_COLUMNS, token
-            )
-        if predictions:
-            self.insert(
-                LOG_TABLES["predictions"],
-                prediction_columns(predictions),
-                PREDICTION_COLUMNS,
-                token,
-            )
-        if drift:
-            self.insert(LOG_TABLES["drift_events"], drift_columns(drift), DRIFT_COLUMNS, token)
+        """Store one processed batch directly (as the sink would); ``token`` makes an
+        identical retry a no-op."""
+        for name, table in batch_tables(readings, predictions, drift).items():
+            self.insert_arrow(LOG_TABLES[name], table, token)
+
+    def insert_arrow(self, table: str, data: pa.Table, token: str | None = None) -> None:
+        """Insert an Arrow table in one block, its columns as they are; ``token`` dedups."""
+        settings = {} if token is None else {"insert_deduplication_token": f"{table}:{token}"}
+        with self._lock:
+            try:
+                self.client.insert_arrow(f"{DATABASE}.{table}", data, settings=settings)
+            except ClickHouseError as exc:
+                raise StoreError(f"insert into {table} failed: {exc}") from exc
+
+    def watermarks(self, table: str) -> dict[int, tuple[int, int]]:
+        """Per source partition of a ``_log`` table: the highest source offset stored, and
+        the latest source record time (ms) stored."""
+        rows = self.query(
+            f"SELECT src_partition, max(src_offset), max(src_timestamp) FROM {DATABASE}.{table} "
+            "WHERE src_offset > 0 GROUP BY src_partition",
+            settings={"final": 0},
+        )
+        return {int(partition): (int(offset), int(at)) for partition, offset, at in rows}
 
     def write_decision(self, action: str, model: str, version: int, detail: dict) -> None:
         """One step of the retraining loop (trigger, training, comparison, promotion)."""
@@ -258,56 +252,9 @@ class Store:
             return False
 
 
-def reading_columns(readings: Sequence[Reading], now: datetime) -> list[list]:
-    return [
-        [r.sensor_id for r in readings],
-        [_dt(r.ts) for r in readings],
-        [r.value for r in readings],
-        [r.covariates for r in readings],
-        [now] * len(readings),
-    ]
-
-
-def drift_columns(events: Sequence[DriftEvent]) -> list[list]:
-    return [
-        [e.sensor_id for e in events],
-        [_dt(e.ts) for e in events],
-        [e.detector for e in events],
-        [e.signal for e in events],
-        [e.model for e in events],
-        [e.model_version for e in events],
-        [orjson.dumps(e.detail).decode() for e in events],
-    ]
-
-
-def prediction_columns(predictions: Iterable[Prediction]) -> list[list]:
-    """One row per horizon step, as columns."""
-    columns: list[list] = [[] for _ in PREDICTION_COLUMNS]
-    (sensor, ts, target, horizon, yhat, lower, upper, model, version, issued, seq, stage) = columns
-    for p in predictions:
-        steps = len(p.yhat)
-        sensor += [p.sensor_id] * steps
-        ts += [_dt(p.ts)] * steps
-        target += [_dt(p.ts + h * p.step_seconds) for h in range(1, steps + 1)]
-        horizon += range(1, steps + 1)
-        yhat += p.yhat
-        lower += p.lower
-        upper += p.upper
-        model += [p.model] * steps
-        version += [p.model_version] * steps
-        issued += [_dt(p.issued_at)] * steps
-        seq += [p.seq] * steps
-        stage += [p.stage] * steps
-    return columns
-
-
 def batch_token(parts: Iterable[tuple[str, int, int]]) -> str:
     """A deterministic token for a batch from its (topic, partition, offset) records."""
     digest = hashlib.blake2b(digest_size=16)
     for topic, partition, offset in parts:
         digest.update(f"{topic}/{partition}/{offset};".encode())
     return digest.hexdigest()
-
-
-def _dt(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, UTC)

@@ -26,7 +26,7 @@ MEDIA_TYPES = {
 }
 SOURCES = {
     "predictions": (
-        f"{DATABASE}.predictions",
+        f"{DATABASE}.prediction_steps",
         "sensor_id, ts, target_ts, horizon, yhat, lower, upper, model, "
         "model_version, issued_at, seq",
     ),

@@ -22,7 +22,14 @@ from sinks.schema import DATABASE, LOG_TABLES
 from sinks.sqlguard import check_ast, check_tables, check_text, check_tree, described_tables
 
 MAX_SQL_BYTES = 64 * 1024
-SENSOR_VIEWS = ("readings", "predictions", "drift_events", "forecast_errors", "drift_timeline")
+SENSOR_VIEWS = (
+    "readings",
+    "predictions",
+    "prediction_steps",
+    "drift_events",
+    "forecast_errors",
+    "drift_timeline",
+)
 """The engine's tables and views that hold sensor rows (readable by scoped callers)."""
 PARAMETERISED_VIEWS = ("model_leaderboard",)
 GLOBAL_TABLES = ("model_decisions",)

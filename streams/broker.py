@@ -16,7 +16,15 @@ from forecast.settings import Settings
 
 log = logging.getLogger(__name__)
 
-TOPICS = ("readings", "predictions", "readings.dlq", "drift-events")
+TOPICS = (
+    "readings",
+    "predictions",
+    "readings.dlq",
+    "drift-events",
+    "store.readings",
+    "store.predictions",
+    "store.drift_events",
+)
 
 
 class EmbeddedBroker:

@@ -19,33 +19,12 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
 
 from river import drift
 
+from forecast.options import SIGNALS, DriftConfig
 from forecast.schemas import DriftEvent, Reading
 from streams.residuals import Residual
-
-SIGNALS = {"adwin": "residual", "page_hinkley": "level", "kswin": "distribution"}
-
-
-@dataclass(frozen=True)
-class DriftConfig:
-    detectors: tuple[str, ...] = ("adwin", "page_hinkley")
-    adwin_delta: float = 0.002
-    ph_threshold: float = 100.0
-    ph_delta: float = 0.005
-    ks_alpha: float = 1e-5
-    ks_window: int = 300
-    ks_stat: int = 100
-    reference: int = 168
-    cooldown: int = 24
-    max_sensors: int = 100_000
-
-    def __post_init__(self) -> None:
-        unknown = set(self.detectors) - set(SIGNALS)
-        if unknown:
-            raise ValueError(f"unknown detectors {sorted(unknown)}; known: {sorted(SIGNALS)}")
 
 
 class _Reference:

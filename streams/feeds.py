@@ -14,7 +14,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 
 from forecast.errors import ConfigError
-from streams.validate import Invalid, parse_time
+from forecast.parsing import Invalid, parse_time
 
 TIME_COLUMNS = ("date", "time", "ts", "timestamp", "datetime")
 Progress = Callable[[int], None]

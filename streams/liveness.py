@@ -24,7 +24,6 @@ class WorkerStalled(ForecastError):
     """The worker cannot make progress: a restart (by its supervisor) is the remedy."""
 
     code = "worker_stalled"
-    retriable = True
 
 
 @dataclass(frozen=True, slots=True)

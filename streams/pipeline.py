@@ -28,8 +28,7 @@ from typing import NamedTuple
 from forecast import metrics
 from forecast.schemas import DriftEvent, Prediction, Reading
 from forecast.tracing import TRACER
-from models.base import NOT_DUE, Interval, NotDue, StreamingForecaster, is_finite
-from models.baseline import SeasonalNaive
+from models.base import NOT_DUE, Interval, ModelSet, NotDue, StreamingForecaster, is_finite
 from streams.drift import DriftMonitor
 from streams.residuals import Residual, ResidualTracker
 from streams.state import SensorState
@@ -45,18 +44,6 @@ class RawRecord:
     offset: int
     key: bytes | None
     value: bytes | None
-
-
-@dataclass(frozen=True)
-class ModelSet:
-    """What forecasts now: the production model (None = baseline only) and a shadow."""
-
-    baseline: SeasonalNaive
-    production: StreamingForecaster | None = None
-    shadow: StreamingForecaster | None = None
-
-    def serving(self) -> list[StreamingForecaster]:
-        return [m for m in (self.baseline, self.production, self.shadow) if m is not None]
 
 
 Accepted = tuple[Reading, SensorState, float | None]  # reading, its sensor, step as of it

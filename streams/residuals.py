@@ -39,12 +39,6 @@ class Residual:
     def covered(self) -> bool:
         return self.lower <= self.actual <= self.upper
 
-    @property
-    def scaled(self) -> float:
-        """|error| in units of the interval's half width (model-aware and unit-free)."""
-        half = (self.upper - self.lower) / 2
-        return abs(self.error) / half if half > 0 else 0.0
-
 
 class ResidualTracker:
     """Matches forecasts with the readings at their target times."""

@@ -27,11 +27,11 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 
 import orjson
 
+from forecast.parsing import Invalid, kind, parse_time
 from forecast.schemas import Reading
 
 SENSOR_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
@@ -55,13 +55,6 @@ class Limits:
     max_batch_readings: int = 10_000
     max_future: float = 86_400.0
     sensor_patterns: Sequence[str] = ("*",)
-
-
-class Invalid(ValueError):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
 
 
 def parse_record(
@@ -99,13 +92,13 @@ def parse_record(
 def parse_reading(doc: object, limits: Limits, now: float) -> Reading:
     """Validate one decoded reading object; raise Invalid with a reason code."""
     if not isinstance(doc, dict):
-        raise Invalid("wrong_type", f"a reading must be a JSON object, not {_kind(doc)}")
+        raise Invalid("wrong_type", f"a reading must be a JSON object, not {kind(doc)}")
     missing = [name for name in REQUIRED if name not in doc]
     if missing:
         raise Invalid("missing_field", "missing " + ", ".join(missing))
     sensor_id = doc["sensor_id"]
     if not isinstance(sensor_id, str):
-        raise Invalid("wrong_type", f"sensor_id must be a string, not {_kind(sensor_id)}")
+        raise Invalid("wrong_type", f"sensor_id must be a string, not {kind(sensor_id)}")
     if not SENSOR_ID.match(sensor_id):
         raise Invalid(
             "bad_sensor_id", f"sensor_id {sensor_id[:60]!r} is not [A-Za-z0-9_.:-]{{1,200}}"
@@ -119,29 +112,9 @@ def parse_reading(doc: object, limits: Limits, now: float) -> Reading:
     return Reading(sensor_id, ts, value, _covariates(doc.get("covariates")))
 
 
-def parse_time(raw: object) -> float:
-    """RFC 3339 text or epoch seconds to epoch seconds (UTC)."""
-    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
-        raise Invalid("bad_time", f"ts must be RFC 3339 or epoch seconds, not {_kind(raw)}")
-    if isinstance(raw, int | float):
-        if not math.isfinite(raw):
-            raise Invalid("bad_time", "ts is not finite")
-        return float(raw)
-    text = raw.strip()
-    if not text or len(text) > 40:
-        raise Invalid("bad_time", f"unparsable ts {raw[:40]!r}")
-    try:
-        parsed = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1] in "Zz" else text)
-    except ValueError:
-        raise Invalid("bad_time", f"unparsable ts {text!r}") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
-
-
 def _number(raw: object, name: str) -> float:
     if isinstance(raw, bool) or not isinstance(raw, int | float):
-        raise Invalid("wrong_type", f"{name} must be a number, not {_kind(raw)}")
+        raise Invalid("wrong_type", f"{name} must be a number, not {kind(raw)}")
     value = float(raw)
     if not math.isfinite(value):
         raise Invalid("non_finite", f"{name} is {value}")
@@ -152,11 +125,11 @@ def _covariates(raw: object) -> dict[str, float]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise Invalid("bad_covariates", f"covariates must be an object, not {_kind(raw)}")
+        raise Invalid("bad_covariates", f"covariates must be an object, not {kind(raw)}")
     out = {}
     for name, value in raw.items():
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise Invalid("bad_covariates", f"covariate {name!r} is {_kind(value)}, not a number")
+            raise Invalid("bad_covariates", f"covariate {name!r} is {kind(value)}, not a number")
         if not math.isfinite(value):
             raise Invalid("non_finite", f"covariate {name!r} is {value}")
         out[name] = float(value)
@@ -174,18 +147,3 @@ def _loads(raw: bytes) -> object:
         return json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise Invalid("not_json", f"not JSON: {str(exc)[:120]}") from None
-
-
-_KINDS = {
-    dict: "object",
-    list: "array",
-    str: "string",
-    bool: "boolean",
-    int: "number",
-    float: "number",
-    type(None): "null",
-}
-
-
-def _kind(value: object) -> str:
-    return _KINDS.get(type(value), type(value).__name__)

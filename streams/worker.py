@@ -1,19 +1,21 @@
-"""The Faust worker: consume `readings` in micro-batches, store, publish, then acknowledge.
+"""The Faust worker: consume `readings` in micro-batches, publish, then acknowledge.
 
-Order of a batch (why offsets never run ahead of the sink):
+Order of a batch (why offsets never run ahead of what is durable):
 0. admit each partition's records only in offset order (:mod:`streams.ordering`): what
    follows a hole the consumer left is held back, and the partition is read again;
 1. validate and forecast (pure, :mod:`streams.pipeline`);
-2. write readings and predictions to ClickHouse, retrying with backoff while the store
-   fails; consumption waits meanwhile (backpressure, no unbounded buffer);
-3. publish predictions and rejections (`predictions`, `readings.dlq`) and wait for acks;
-4. log a snapshot of each touched sensor's state to the Faust table's changelog (which
+2. publish predictions, rejections and drift events (`predictions`, `readings.dlq`,
+   `drift-events`), and the batch's rows for the sink (`store.<table>`, Arrow tables, see
+   :mod:`sinks.batches`), and wait for the broker's acknowledgements; the worker never
+   waits for ClickHouse (the sink, :mod:`sinks.consumer`, is a consumer group of its own);
+3. log a snapshot of each touched sensor's state to the Faust table's changelog (which
    makes it recoverable after a crash; the live state stays in the worker's cache);
-5. acknowledge the records, so Faust commits their offsets.
-A crash anywhere before 5 re-delivers the batch; the deterministic keys and insert tokens
-of the store, and the per-sensor ``seq`` that subscribers de-duplicate on, absorb it.
+4. acknowledge the records, so Faust commits their offsets.
+A crash anywhere before 4 re-delivers the batch; the deterministic keys of the store's
+tables, the views that de-duplicate, and the per-sensor ``seq`` that subscribers
+de-duplicate on, absorb it.
 
-Store and broker failures that may pass are retried with backoff. Anything else is a
+Broker failures that may pass are retried with backoff. Anything else is a
 fault: the worker sets :attr:`Worker.failed` and stops taking records, and the process
 exits non-zero so that its supervisor restarts it from the committed offsets.
 
@@ -49,18 +51,17 @@ from prometheus_client import Counter as PromCounter
 from yarl import URL
 
 from forecast import metrics, tracing
-from forecast.errors import StoreError
+from forecast.kafka import Transport, committed_offset
 from forecast.schemas import DriftEvent
 from forecast.settings import Settings
 from forecast.tracing import TRACER
-from sinks.clickhouse import Store, batch_token
+from sinks.batches import STORE_RECORD_BYTES, batch_tables, encode_chunks
 from streams.drift import DriftMonitor
 from streams.liveness import Liveness, WorkerStalled, describe_loss
 from streams.ordering import OffsetOrder
 from streams.pipeline import BatchProcessor, BatchResult, ModelSet, RawRecord
 from streams.residuals import ResidualTracker
 from streams.state import SensorState
-from streams.transport import Transport
 from streams.validate import Limits, Rejection
 
 log = logging.getLogger(__name__)
@@ -94,25 +95,24 @@ class SensorStateTable(faust.Table):
 
 
 class Worker:
-    """Owns the Faust app, the state table and the agent; needs a started Store."""
+    """Owns the Faust app, the state table and the agent."""
 
     def __init__(
         self,
         settings: Settings,
         bootstrap: str,
-        store: Store,
         models: Callable[[], ModelSet],
     ) -> None:
         self.settings = settings
-        self.store = store
         self.failed = asyncio.Event()
         self.failure: BaseException | None = None
         self.cache: dict[str, SensorState] = {}
         self.app = faust.App(
-            settings.topic("forecast-worker"),
+            settings.topic(settings.worker_app),
             broker=f"kafka://{bootstrap}",
             store="memory://",
-            datadir=str(settings.data_dir / "faust"),  # never the working directory
+            # never the working directory; one folder per worker process
+            datadir=str(settings.data_dir / "faust" / f"worker-{settings.worker_id}"),
             topic_partitions=settings.kafka_partitions,
             web_enabled=False,
             broker_session_timeout=settings.kafka_session_timeout,
@@ -324,7 +324,7 @@ class Worker:
 
     def _committed(self, tp: object) -> int | None:
         """Faust's committed offset of a partition (the next to read), if it knows one."""
-        return self.app.consumer._committed_offset.get(tp)
+        return committed_offset(self.app.consumer, tp)
 
     async def _reread_holes(self) -> None:
         rewind, passed = self.order.overdue()
@@ -355,17 +355,8 @@ class Worker:
         ) as span:
             span.set_attribute("messaging.batch.message_count", len(records))
             result = self.processor.process(records)
-            # The record's timestamp too: after a broker lost its data, new records reuse
-            # offsets, and a token of offsets only would drop them as repeats.
-            token = batch_token(
-                (f"{m.topic}@{m.timestamp}", m.partition, m.offset) for m in messages
-            )
-            with TRACER.start_as_current_span("sink"):
-                started = time.perf_counter()
-                await self._store(result, token)
-                metrics.SINK_FLUSH_SECONDS.observe(time.perf_counter() - started)
             with TRACER.start_as_current_span("publish", kind=SpanKind.PRODUCER):
-                await self._publish(result, tracing.inject())
+                await self._publish(result, tracing.inject(), messages[0].partition)
         published = time.time()
         for message in messages:
             metrics.EVENT_TO_PREDICTION.observe(max(0.0, published - message.timestamp))
@@ -378,23 +369,12 @@ class Worker:
             self.on_drift(result.drift)
         return result
 
-    async def _store(self, result: BatchResult, token: str) -> None:
-        def write() -> Awaitable[None]:
-            return asyncio.to_thread(
-                self.store.write_batch,
-                result.readings,
-                result.predictions + result.shadow,
-                token,
-                result.drift,
-            )
-
-        await with_backoff(
-            write, lambda exc: isinstance(exc, StoreError), "store write", metrics.SINK_ERRORS
-        )
-
-    async def _publish(self, result: BatchResult, headers: list[tuple[str, bytes]]) -> None:
+    async def _publish(
+        self, result: BatchResult, headers: list[tuple[str, bytes]], partition: int
+    ) -> None:
+        """Everything the batch produced, on its topics; returns once the broker has it."""
         trace_headers = headers or None
-        messages = [
+        messages: list[tuple] = [
             (
                 self.settings.topic("predictions"),
                 p.sensor_id.encode(),
@@ -416,13 +396,20 @@ class Worker:
             )
             for event in result.drift
         ]
-        if not messages:
+        routed = [(*message, None) for message in messages]  # the partition of the key
+        tables = batch_tables(result.readings, result.predictions + result.shadow, result.drift)
+        routed += [
+            (self.settings.topic(f"store.{name}"), None, chunk, None, partition)
+            for name, table in tables.items()
+            for chunk in encode_chunks(table, STORE_RECORD_BYTES)
+        ]
+        if not routed:
             return
 
         async def send() -> None:
             sent = [
-                await self.app.producer.send(topic, key, value, None, None, headers)
-                for topic, key, value, headers in messages
+                await self.app.producer.send(topic, key, value, at, None, headers)
+                for topic, key, value, headers, at in routed
             ]
             await asyncio.gather(*sent)
 
@@ -473,9 +460,6 @@ class Worker:
             metrics.FALLBACKS.labels(reason).inc(count)
         for model, count in Counter(p.model for p in result.predictions).items():
             metrics.PREDICTIONS.labels(model).inc(count)
-        stored = result.predictions + result.shadow
-        metrics.SINK_ROWS.labels("readings").inc(len(result.readings))
-        metrics.SINK_ROWS.labels("predictions").inc(sum(len(p.yhat) for p in stored))
 
     def _load_state(self, sensor_id: str) -> SensorState | None:
         state = self.cache.get(sensor_id)

@@ -118,7 +118,8 @@ def test_both_jwt_keys_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_rate_limiter_buckets_and_retry_after() -> None:
-    from gateway.limits import RateLimiter, parse_rules
+    from forecast.options import parse_rules
+    from gateway.limits import RateLimiter
 
     now = [0.0]
     limiter = RateLimiter("3/minute, 5/hour", clock=lambda: now[0])

@@ -76,6 +76,7 @@ def test_query_opens_the_embedded_store_when_nothing_runs(tmp_path: Path) -> Non
         "forecast_errors",
         "model_decisions",
         "model_leaderboard",
+        "prediction_steps",
         "predictions",
         "readings",
     ]

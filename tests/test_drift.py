@@ -9,9 +9,9 @@ import pytest
 
 from forecast.schemas import DriftEvent, Prediction, Reading
 from forecast.settings import load_settings
-from models.retrain import Retrainer
 from streams.drift import DriftConfig, DriftMonitor
 from streams.residuals import ResidualTracker
+from streams.retrain import Retrainer
 
 
 def prediction(ts: float, yhat: list[float], model: str = "m", stage: str = "production"):

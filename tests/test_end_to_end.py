@@ -53,7 +53,7 @@ async def test_replayed_rows_reach_the_websocket_and_clickhouse(system: System) 
     assert by_sensor["ETTh1.OT"][-1]["ts"] == "2016-07-09T07:00:00.000Z"  # row 200
 
     sql = (
-        "SELECT sensor_id, count() AS n, uniqExact(seq) AS seqs FROM forecast.predictions "
+        "SELECT sensor_id, count() AS n, uniqExact(seq) AS seqs FROM forecast.prediction_steps "
         "WHERE horizon = 1 AND sensor_id IN ('ETTh1.OT', 'ETTh1.HUFL') "
         "GROUP BY sensor_id ORDER BY sensor_id FORMAT"
     ).removesuffix(" FORMAT")
@@ -88,7 +88,7 @@ async def test_http_health_ready_metrics_and_auth(system: System) -> None:
     async with httpx.AsyncClient(base_url=system.http) as client:
         assert (await client.get("/healthz")).json() == {"status": "ok"}
         ready = (await client.get("/readyz")).json()
-        checks = {"broker": True, "store": True, "model": True, "consuming": True}
+        checks = {"broker": True, "store": True, "sink": True, "model": True, "consuming": True}
         assert ready == {"ready": True, "checks": checks}
         metrics = (await client.get("/metrics")).text
         assert 'forecast_readings_total{reason="",result="accepted"}' in metrics

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.data import load_wide_csv
-from streams.features import FeatureSpec, OnlineFeatures, batch_features
+from models.features import FeatureSpec, OnlineFeatures, batch_features
 from tests.conftest import ETTH1
 
 SPEC = FeatureSpec(lags=(1, 3, 24), diffs=(1, 24), windows=(4, 24), ewm_alphas=(0.1, 0.5))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import stat
 import time
@@ -22,12 +23,14 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from forecast.errors import AuthError, ConfigError
+from forecast.logs import ContextFilter
+from forecast.options import parse_networks
 from forecast.settings import load_settings
 from gateway.auth import Authenticator, JwtVerifier, KeyStore
 from gateway.guards import BodyLimit
 from gateway.http import ApiContext, HttpServer, create_app
 from gateway.hub import Hub
-from gateway.limits import client_address, parse_networks
+from gateway.limits import client_address
 from gateway.ws import StreamServer
 from sinks import owner
 from tests.conftest import base_env, run_cli
@@ -239,6 +242,44 @@ async def test_connections_past_the_cap_are_refused_at_once(tmp_path) -> None:
     assert status(raw) == 503 and body(raw)["error"]["code"] == "too_many_connections"
     assert took < 1.0
     assert fine.status_code == 200  # freed slots are usable again
+
+
+# -- request ids, security headers, rate limits, CORS ---------------------------------------
+
+
+async def test_request_ids_headers_rate_limits_and_cors_in_process(tmp_path, caplog) -> None:
+    ctx = ApiContext(auth=auth(tmp_path), hub=hub_with("a.1"))
+    app = create_app(ctx, "3/minute", "https://app.example")
+    caplog.handler.addFilter(ContextFilter())
+    caplog.set_level(logging.INFO, logger="gateway.guards")
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        asked = {**bearer(token()), "X-Request-ID": "req-42"}
+        answers = [await client.get("/v1/sensors", headers=asked) for _ in range(4)]
+        made_up = await client.get("/healthz", headers={"X-Request-ID": "no spaces allowed"})
+        probes = [(await client.get(path)).status_code for path in ("/healthz", "/metrics")]
+        allowed, other = [
+            await client.options(
+                "/v1/sensors",
+                headers={"Origin": origin, "Access-Control-Request-Method": "GET"},
+            )
+            for origin in ("https://app.example", "https://evil.example")
+        ]
+    assert [a.status_code for a in answers] == [200, 200, 200, 429]
+    assert all(a.headers["x-request-id"] == "req-42" for a in answers)
+    assert all(a.headers["x-content-type-options"] == "nosniff" for a in answers)
+    limited = answers[-1]
+    assert limited.json()["error"]["code"] == "rate_limited"
+    assert int(limited.headers["retry-after"]) >= 1
+    assert len(made_up.headers["x-request-id"]) == 32  # a new one
+    assert probes == [200, 200]  # never limited
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    assert "access-control-allow-origin" not in other.headers
+    logged = [r for r in caplog.records if r.name == "gateway.guards"]
+    assert [r.getMessage().split(" ")[:3] for r in logged[:4]] == [
+        ["GET", "/v1/sensors", "200"]
+    ] * 3 + [["GET", "/v1/sensors", "429"]]
+    assert all(getattr(r, "request_id", None) == "req-42" for r in logged[:4])
 
 
 # -- trusted proxies ------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import pytest
 from streams.liveness import Liveness
 from tests.conftest import ETTH1, base_env, run_cli
 
-ONE_STEP = "SELECT count() FROM forecast.predictions WHERE horizon = 1"
+ONE_STEP = "SELECT count() FROM forecast.prediction_steps WHERE horizon = 1"
 
 
 # -- the rules (pure) ---------------------------------------------------------------------
@@ -104,8 +104,8 @@ async def test_faust_keeps_its_state_under_the_data_dir(tmp_path: Path) -> None:
     from streams.worker import Worker
 
     models = ModelSet(SeasonalNaive(horizon=3, season=2))
-    worker = Worker(load_settings(data_dir=tmp_path), "127.0.0.1:9", None, lambda: models)
-    assert worker.app.conf.datadir == tmp_path / "faust"
+    worker = Worker(load_settings(data_dir=tmp_path), "127.0.0.1:9", lambda: models)
+    assert worker.app.conf.datadir == tmp_path / "faust" / "worker-0"  # one per process
     assert await worker.consuming()  # not stalled before it started
 
 
@@ -118,7 +118,7 @@ async def test_a_crashed_table_recovery_is_named(tmp_path: Path) -> None:
     from streams.worker import Worker, crashed_service
 
     models = ModelSet(SeasonalNaive(horizon=3, season=2))
-    worker = Worker(load_settings(data_dir=tmp_path), "127.0.0.1:9", None, lambda: models)
+    worker = Worker(load_settings(data_dir=tmp_path), "127.0.0.1:9", lambda: models)
     assert crashed_service(worker.app) is None
     # What Faust's recovery raises after a broker restarted empty (issue 11).
     await worker.app.tables.recovery.crash(ConsistencyError("persisted offset 812 > -1"))
@@ -308,7 +308,8 @@ def test_broker_restarted_empty_mid_stream_forecast_up_stops_then_a_restart_pred
     try:
         replay(env, 0, 100)
         assert one_step(env, 99 * 7) == 99 * 7
-        assert up.checks() == {"broker": True, "store": True, "model": True, "consuming": True}
+        checks = {"broker": True, "store": True, "sink": True, "model": True, "consuming": True}
+        assert up.checks() == checks
 
         kafka.kill()
         noticed = wait_checks(up, consuming=False, within=30)
@@ -344,6 +345,7 @@ def test_a_frozen_broker_turns_readiness_off_and_sigterm_still_ends_the_worker(
     kafka: Broker, tmp_path: Path, record_property
 ) -> None:
     env = part_env(tmp_path / "worker", kafka, FORECAST_STALL_EXIT="120")
+    sink = Part("sink", env, tmp_path / "sink.log")  # stores what the worker publishes
     worker = Part("worker", env, tmp_path / "worker.log")
     try:
         replay(env, 0, 20)
@@ -359,6 +361,7 @@ def test_a_frozen_broker_turns_readiness_off_and_sigterm_still_ends_the_worker(
         assert took < 10, worker.tail()
     finally:
         worker.close()
+        sink.close()
 
 
 @pytest.mark.integration
@@ -366,6 +369,7 @@ def test_a_worker_stalled_past_the_limit_exits_non_zero_naming_the_cause(
     kafka: Broker, tmp_path: Path
 ) -> None:
     env = part_env(tmp_path / "worker", kafka, FORECAST_STALL_EXIT="6")
+    sink = Part("sink", env, tmp_path / "sink.log")
     worker = Part("worker", env, tmp_path / "worker.log")
     try:
         replay(env, 0, 10)
@@ -379,6 +383,7 @@ def test_a_worker_stalled_past_the_limit_exits_non_zero_naming_the_cause(
         assert "FORECAST_STALL_EXIT=6" in tail and "did not answer" in tail
     finally:
         worker.close()
+        sink.close()
 
 
 @pytest.mark.integration

@@ -71,13 +71,14 @@ def test_live_forecasts_equal_the_offline_evaluation(served: System) -> None:
     rows = 120
     assert served.cli("replay", str(ETTH1), "--limit", str(rows)).returncode == 0
     counted = (
-        "SELECT count() AS n FROM forecast.predictions WHERE sensor_id = 'ETTh1.OT' AND horizon = 1"
+        "SELECT count() AS n FROM forecast.prediction_steps "
+        "WHERE sensor_id = 'ETTh1.OT' AND horizon = 1"
     )
     assert wait_for(served, counted, [{"n": rows - 1}]) == [{"n": rows - 1}]
     by_model = query(
         served,
         "SELECT model, min(seq) AS first, max(seq) AS last "
-        "FROM forecast.predictions WHERE sensor_id = 'ETTh1.OT' GROUP BY model "
+        "FROM forecast.prediction_steps WHERE sensor_id = 'ETTh1.OT' GROUP BY model "
         "ORDER BY first",
     )
     # The baseline serves while the LSTM's window fills, then the LSTM takes over.
@@ -88,7 +89,7 @@ def test_live_forecasts_equal_the_offline_evaluation(served: System) -> None:
 
     live = query(
         served,
-        "SELECT ts, horizon, yhat FROM forecast.predictions "
+        "SELECT ts, horizon, yhat FROM forecast.prediction_steps "
         "WHERE sensor_id = 'ETTh1.OT' AND model = 'lstm' ORDER BY ts, horizon",
     )
     live_yhat = np.array([r["yhat"] for r in live]).reshape(-1, HORIZON)
@@ -129,7 +130,7 @@ def test_shadow_then_hot_swap_without_losing_or_repeating_a_prediction(served: S
     wait_for_model(served, 2, "shadow")
     assert served.cli("replay", str(ETTH1), "--start", "120", "--limit", "30").returncode == 0
     shadow_sql = (
-        "SELECT min(seq) AS first, max(seq) AS last FROM forecast.predictions "
+        "SELECT min(seq) AS first, max(seq) AS last FROM forecast.prediction_steps "
         "WHERE sensor_id = 'ETTh1.OT' AND model_version = 2 AND horizon = 1"
     )
     # v2 starts afresh and fills its own window, so it forecasts once it has LOOKBACK values
@@ -140,11 +141,11 @@ def test_shadow_then_hot_swap_without_losing_or_repeating_a_prediction(served: S
     wait_for_model(served, 2, "production")
     assert served.cli("replay", str(ETTH1), "--start", "150", "--limit", "60").returncode == 0
     last = 209  # readings 2..210 of OT, one prediction each
-    top = "SELECT max(seq) AS top FROM forecast.predictions WHERE sensor_id = 'ETTh1.OT'"
+    top = "SELECT max(seq) AS top FROM forecast.prediction_steps WHERE sensor_id = 'ETTh1.OT'"
     assert wait_for(served, top, [{"top": last}]) == [{"top": last}]
     published = query(
         served,
-        "SELECT seq, model, model_version FROM forecast.predictions "
+        "SELECT seq, model, model_version FROM forecast.prediction_steps "
         "WHERE sensor_id = 'ETTh1.OT' AND horizon = 1 ORDER BY seq, model_version",
     )
     by_seq: dict[int, list] = {}

@@ -28,7 +28,6 @@ from forecast.settings import load_settings
 from gateway.feed import Feed
 from gateway.hub import Hub
 from models.baseline import SeasonalNaive
-from sinks.clickhouse import Store
 from streams.broker import EmbeddedBroker, ensure_topics
 from streams.pipeline import ModelSet
 from streams.worker import Worker
@@ -51,11 +50,10 @@ async def test_a_batch_trace_crosses_the_kafka_hop(spans, tmp_path: Path) -> Non
     settings = load_settings(data_dir=tmp_path, kafka_partitions=1, kafka_session_timeout=2)
     async with EmbeddedBroker() as broker:
         await ensure_topics(broker.bootstrap, settings)
-        store = await asyncio.to_thread(Store.open, settings)
         feed = Feed(settings, broker.bootstrap, Hub())
         await feed.start()
         models = ModelSet(SeasonalNaive(horizon=3, season=2))
-        worker = Worker(settings, broker.bootstrap, store, lambda: models)
+        worker = Worker(settings, broker.bootstrap, lambda: models)
         await worker.start()
         producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
         await producer.start()
@@ -76,7 +74,6 @@ async def test_a_batch_trace_crosses_the_kafka_hop(spans, tmp_path: Path) -> Non
             await producer.stop()
             await worker.stop()
             await feed.stop()
-            store.close()
     finished = spans.get_finished_spans()
     by_id = {s.context.span_id: s for s in finished}
     deliver = next(s for s in finished if s.name == "deliver")
@@ -85,7 +82,7 @@ async def test_a_batch_trace_crosses_the_kafka_hop(spans, tmp_path: Path) -> Non
     batch = by_id[publish.parent.span_id]
     assert batch.name == "batch" and batch.parent is None
     children = {s.name for s in finished if s.parent and s.parent.span_id == batch.context.span_id}
-    assert {"ingest", "inference", "features", "sink", "publish"} <= children
+    assert {"ingest", "inference", "features", "publish"} <= children
     assert deliver.context.trace_id == batch.context.trace_id
     producers = {s.context.span_id for s in finished if s.name == "sensor.send"}
     assert {link.context.span_id for link in batch.links} & producers

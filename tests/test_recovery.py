@@ -3,14 +3,20 @@ uninterrupted run: none lost, none different, none visible twice."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as ws_connect
 
 from tests.conftest import ETTH1, System, base_env, run_cli, start_system
 
@@ -18,7 +24,7 @@ pytestmark = pytest.mark.integration
 
 ROWS = 400
 EXPECTED = (ROWS - 1) * 7  # one-step predictions: every reading but each sensor's first
-ONE_STEP = "SELECT count() FROM forecast.predictions WHERE horizon = 1"
+ONE_STEP = "SELECT count() FROM forecast.prediction_steps WHERE horizon = 1"
 
 
 def predictions(system: System) -> list[dict]:
@@ -27,7 +33,7 @@ def predictions(system: System) -> list[dict]:
         # Per sensor: rows, the seq range, and an order-independent hash of every row.
         "SELECT sensor_id, count() AS n, min(seq) AS first, max(seq) AS last, "
         "toString(sum(cityHash64(seq, ts, horizon, yhat, lower, upper))) AS digest "
-        "FROM forecast.predictions GROUP BY sensor_id ORDER BY sensor_id",
+        "FROM forecast.prediction_steps GROUP BY sensor_id ORDER BY sensor_id",
         "--format",
         "json",
         timeout=120,
@@ -110,8 +116,7 @@ from sinks.clickhouse import Store
 store = Store.open(load_settings(data_dir=sys.argv[1]))
 for sql in (
     "SELECT count() - uniqExact(sensor_id, ts) FROM forecast.readings",
-    "SELECT count() - uniqExact(sensor_id, model, model_version, ts, horizon) "
-    "FROM forecast.predictions",
+    "SELECT count() - uniqExact(sensor_id, model, model_version, ts) FROM forecast.predictions",
 ):
     print(store.query(sql, settings={"final": 0})[0][0])
 """
@@ -132,11 +137,97 @@ def duplicates_without_final(data_dir: Path) -> list[int]:
 
 
 def test_sigkill_mid_stream_then_restart_gives_the_uninterrupted_predictions(
-    broker: str, tmp_path: Path
+    broker: str, tmp_path: Path, uninterrupted: list[dict]
 ) -> None:
-    reference = run(tmp_path / "steady", broker, "steady.", kill_after=None)
+    """The whole of `forecast up` (worker and sink, mid-batch) killed and started again."""
+    reference = uninterrupted
     recovered = run(tmp_path / "killed", broker, "killed.", kill_after=600)
     assert [r["n"] for r in reference] == [(ROWS - 1) * 24] * 7
     assert {(r["first"], r["last"]) for r in reference} == {(1, ROWS - 1)}
     assert recovered == reference
     assert duplicates_without_final(tmp_path / "killed") == [0, 0]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(broker: str, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    return run(tmp_path_factory.mktemp("steady"), broker, "steady2.", kill_after=None)
+
+
+def test_one_of_two_workers_killed_gives_the_uninterrupted_predictions(
+    broker: str, tmp_path: Path, uninterrupted: list[dict]
+) -> None:
+    """`forecast up --workers 2`: one worker is SIGKILLed mid-stream; the other takes over
+    its partitions while the supervisor starts it again. ClickHouse (with and without
+    FINAL) and a websocket subscriber see exactly the uninterrupted run's predictions."""
+    data_dir = tmp_path / "two"
+    env = {
+        "FORECAST_KAFKA_BOOTSTRAP": broker,
+        "FORECAST_TOPIC_PREFIX": "two.",
+        "FORECAST_BATCH_MAX": "50",
+    }
+    system = start_system(data_dir, "--workers", "2", **env)
+    pids = [
+        int(p)
+        for p in re.findall(
+            r"\d+", next(x for x in system.output if x.startswith("workers:")).split("pids")[1]
+        )
+    ]
+    seen: list[dict] = []
+    listening = threading.Event()
+    listener = threading.Thread(target=subscribe, args=(system, seen, listening), daemon=True)
+    listener.start()
+    assert listening.wait(30)
+    replay = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "forecast",
+            "replay",
+            str(ETTH1),
+            f"--limit={ROWS}",
+            "--speed=72000",
+        ],
+        env={**system.env, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert wait_for_count(system, ONE_STEP, 600) >= 600
+        os.kill(pids[0], signal.SIGKILL)  # mid-batch, mid-commit
+        assert replay.wait(120) == 0
+        count = wait_for_count(system, ONE_STEP, EXPECTED)
+        assert count == EXPECTED, (data_dir / "up.log").read_text()[-4000:]
+        rows = predictions(system)
+        time.sleep(2)  # the last predictions on their way to the subscriber
+        stored = system.cli(
+            "query",
+            "SELECT sensor_id, seq, yhat[1] AS first FROM forecast.predictions "
+            "WHERE stage = 'production' ORDER BY sensor_id, seq",
+            "--format",
+            "json",
+        )
+    finally:
+        if replay.poll() is None:
+            replay.kill()
+            replay.wait()
+        code = system.stop()
+    assert code == 0
+    assert "exited with signal SIGKILL" in (data_dir / "up.log").read_text()
+    assert rows == uninterrupted
+    assert duplicates_without_final(data_dir) == [0, 0]
+    expected = [(r["sensor_id"], r["seq"], r["first"]) for r in json.loads(stored.stdout)]
+    delivered = [(m["sensor_id"], m["seq"], m["yhat"][0]) for m in seen]
+    assert sorted(delivered) == expected  # each prediction once, none missing
+
+
+def subscribe(system: System, seen: list[dict], listening: threading.Event) -> None:
+    """Collect every prediction a websocket subscriber gets, until the system stops."""
+    with ws_connect(f"{system.ws}?token={system.viewer_token}") as ws:
+        ws.send(json.dumps({"op": "subscribe", "sensors": ["ETTh1.*"]}))
+        ws.recv()
+        listening.set()
+        with contextlib.suppress(ConnectionClosed):
+            for frame in ws:
+                message = json.loads(frame)
+                if message["type"] == "prediction":
+                    seen.append(message)

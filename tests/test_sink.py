@@ -18,6 +18,7 @@ from forecast.schemas import Prediction, Reading
 from forecast.settings import load_settings
 from models.baseline import SeasonalNaive
 from sinks.clickhouse import Store
+from sinks.consumer import Sink
 from sinks.export import ExportRequest, export
 from sinks.query import QueryLimits, glob_to_like, run_readonly
 from streams.broker import EmbeddedBroker, ensure_topics
@@ -60,21 +61,22 @@ def test_the_same_batch_twice_is_stored_once(store: Store) -> None:
     store.write_batch(readings, predictions, token="t1")  # an identical retry: dropped
     where = "WHERE sensor_id = 'dedup.a'"
     assert count(store, f"SELECT count() FROM forecast.readings {where}", final=False) == 50
-    assert count(store, f"SELECT count() FROM forecast.predictions {where}", final=False) == 100
+    assert count(store, f"SELECT count() FROM forecast.prediction_steps {where}", False) == 100
+    assert count(store, f"SELECT count() FROM forecast.predictions {where}", final=False) == 50
     # Re-delivered in another batch: the key collapses it for every engine query path.
     store.write_batch(readings[10:20], predictions[10:20], token="t2")
     for final in (True, False):  # the tables analysts read are views that de-duplicate
         assert count(store, f"SELECT count() FROM forecast.readings {where}", final) == 50
-        assert count(store, f"SELECT count() FROM forecast.predictions {where}", final) == 100
+        assert count(store, f"SELECT count() FROM forecast.prediction_steps {where}", final) == 100
 
 
 def test_migrations_are_versioned_and_idempotent(store: Store) -> None:
-    assert store.migrate(365) == 6
+    assert store.migrate(365) == 7
     versions = [
         row[0]
         for row in store.query("SELECT version FROM forecast.schema_migrations ORDER BY version")
     ]
-    assert versions == [1, 2, 3, 4, 5, 6]
+    assert versions == [1, 2, 3, 4, 5, 6, 7]
 
 
 def test_analyst_queries_are_read_only_bounded_and_leave_the_sink_writable(store: Store) -> None:
@@ -148,16 +150,17 @@ class FlakyStore(Store):
         self.failing = failing
         self.calls = 0
 
-    def insert(self, table, data, columns, token=None, *, column_oriented=True) -> None:
+    def insert_arrow(self, table, data, token=None) -> None:
         self.calls += 1
         if self.calls in self.failing:
             raise StoreError(f"injected failure of insert {self.calls} into {table}")
-        super().insert(table, data, columns, token, column_oriented=column_oriented)
+        super().insert_arrow(table, data, token)
 
 
-async def test_store_outage_pauses_retries_and_stores_everything_once(
+async def test_store_outage_pauses_the_sink_retries_and_stores_everything_once(
     store: Store, tmp_path: Path
 ) -> None:
+    """The worker goes on while the store fails; the sink pauses, retries, catches up."""
     settings = load_settings(
         data_dir=tmp_path, topic_prefix="outage.", batch_max=40, kafka_session_timeout=2.0
     )
@@ -167,8 +170,10 @@ async def test_store_outage_pauses_retries_and_stores_everything_once(
     async with EmbeddedBroker() as broker:
         await ensure_topics(broker.bootstrap, settings)
         models = ModelSet(SeasonalNaive(horizon=3, season=24))
-        worker = Worker(settings, broker.bootstrap, flaky, lambda: models)
+        worker = Worker(settings, broker.bootstrap, lambda: models)
         await worker.start()
+        sink = Sink(settings, broker.bootstrap, flaky)
+        await sink.start()
         try:
             producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
             await producer.start()
@@ -181,31 +186,66 @@ async def test_store_outage_pauses_retries_and_stores_everything_once(
             await producer.stop()
             where = "WHERE sensor_id LIKE 'outage.%'"
             readings_sql = f"SELECT count() FROM forecast.readings {where}"
-            predictions_sql = f"SELECT count() FROM forecast.predictions {where}"
+            predictions_sql = f"SELECT count() FROM forecast.prediction_steps {where}"
             expected = {
                 readings_sql: sensors * per_sensor,
                 predictions_sql: sensors * (per_sensor - 1) * 3,
             }
             deadline = time.monotonic() + 60
             while any(count(store, sql, final=False) < n for sql, n in expected.items()):
-                assert time.monotonic() < deadline, "the worker did not catch up"
+                assert time.monotonic() < deadline, "the sink did not catch up"
                 await asyncio.sleep(0.2)
         finally:
+            await sink.stop()
             await worker.stop()
     assert flaky.calls > 6  # it failed four times, and went on
-    assert not worker.failed.is_set()
-    # Exactly once, even without FINAL: retries carried the same insert tokens.
+    assert not worker.failed.is_set() and sink.healthy
+    # Exactly once, even without FINAL and in the tables beneath the views: retries
+    # carried the same insert tokens.
     for table, expected in (
-        ("readings", sensors * per_sensor),
-        ("predictions", sensors * (per_sensor - 1) * 3),
+        ("readings_log", sensors * per_sensor),
+        ("predictions_log", sensors * (per_sensor - 1)),
+        ("prediction_steps", sensors * (per_sensor - 1) * 3),
     ):
-        assert (
-            count(store, f"SELECT count() FROM forecast.{table} {where}", final=False) == expected
-        )
+        sql = f"SELECT count() FROM forecast.{table} {where}"
+        assert count(store, sql, final=False) == expected, table
     seqs = store.query(
         f"SELECT sensor_id, count(), uniqExact(seq), max(seq) FROM "
-        f"forecast.predictions {where} AND horizon = 1 GROUP BY sensor_id"
+        f"forecast.prediction_steps {where} AND horizon = 1 GROUP BY sensor_id"
     )
     assert sorted(seqs) == [
         (f"outage.{s}", per_sensor - 1, per_sensor - 1, per_sensor - 1) for s in range(sensors)
     ]
+
+
+def test_the_kafka_engine_alternative_parses_and_fills_the_sinks_tables(store: Store) -> None:
+    """deploy/clickhouse/kafka_engine.sql, statement by statement, through ClickHouse's
+    parser; each materialized view writes exactly the columns of its `_log` table."""
+    text = (Path(__file__).parents[1] / "deploy" / "clickhouse" / "kafka_engine.sql").read_text()
+    code = "\n".join(line for line in text.splitlines() if not line.startswith("--"))
+    statements = [s.strip() for s in code.split(";") if s.strip()]
+    assert len(statements) == 8
+    for statement in statements:
+        formatted = store.parse("SELECT formatQuery({sql:String})", {"sql": statement})[0]
+        assert formatted.startswith("CREATE")
+    for table in ("readings", "predictions", "drift_events"):
+        view = next(s for s in statements if f"forecast.{table}_consumer" in s)
+        selected = view.split(" AS\nSELECT ", 1)[1].split("\nFROM")[0]
+        names = [c.strip().split(" AS ")[-1] for c in top_level_items(selected.replace("\n", " "))]
+        columns = [
+            row[0]
+            for row in store.query(f"DESCRIBE forecast.{table}_log")
+            if row[0] != "detected_at"  # filled by its default
+        ]
+        assert names == columns, table
+
+
+def top_level_items(text: str) -> list[str]:
+    """``a, f(b, c) AS d`` to ``["a", "f(b, c) AS d"]``."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    return [*items, text[start:]]

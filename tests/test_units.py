@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import orjson
+import pyarrow as pa
 import pytest
 
 from forecast.errors import ConfigError
@@ -13,7 +14,7 @@ from gateway.auth import Principal
 from gateway.hub import Hub, Subscriber
 from models.base import NOT_DUE
 from models.baseline import SeasonalNaive
-from sinks.clickhouse import batch_token, prediction_columns
+from sinks.batches import batch_tables, decode, encode, encode_chunks
 from streams.ordering import Admission, OffsetOrder
 from streams.pipeline import BatchProcessor, ModelSet, RawRecord
 from streams.state import SensorState
@@ -150,28 +151,28 @@ def test_state_snapshot_round_trips_and_keeps_late_positions() -> None:
     assert copy.place(1e9 - 1) is None
 
 
-def test_prediction_rows_are_one_per_step_with_target_times() -> None:
+def test_a_batch_travels_to_the_sink_as_arrow_tables() -> None:
     result = processor({}).process([record(0, "s", 1e9), record(1, "s", 1e9 + 3600)])
-    columns = prediction_columns(result.predictions)
-    assert columns[3] == [1, 2, 3]
-    assert [(t - s).total_seconds() for s, t in zip(columns[1], columns[2], strict=True)] == [
-        3600,
-        7200,
-        10800,
-    ]
-
-
-def test_batch_token_is_deterministic() -> None:
-    parts = [("readings", 0, 1), ("readings", 1, 7)]
-    assert batch_token(parts) == batch_token(list(parts))
-    assert batch_token(parts) != batch_token(parts[:1])
+    tables = batch_tables(result.readings, result.predictions, now=2e9)
+    assert set(tables) == {"readings", "predictions"}
+    for name, table in tables.items():
+        chunks = encode_chunks(table, max_bytes=64)  # a row a record, at this size
+        assert len(chunks) == table.num_rows
+        assert pa.concat_tables([decode(name, c) for c in chunks]).equals(table)
+    (prediction,) = tables["predictions"].to_pylist()
+    assert prediction["yhat"] == result.predictions[0].yhat
+    assert prediction["ts"].timestamp() == 1e9 + 3600
+    with pytest.raises(ValueError, match="schema"):
+        decode("readings", encode(tables["predictions"]))
+    with pytest.raises(ValueError, match="Arrow"):
+        decode("readings", b"not arrow")
 
 
 async def test_the_worker_keeps_live_states_only_and_hands_them_back_on_revocation() -> None:
     from streams.worker import Worker
 
     models = ModelSet(SeasonalNaive(horizon=3, season=2))
-    worker = Worker(load_settings(), "127.0.0.1:9", None, lambda: models)  # not started
+    worker = Worker(load_settings(), "127.0.0.1:9", lambda: models)  # not started
     # As restored from the changelog after a restart:
     worker.table.keep_snapshot("s", SensorState(1e9, 60.0, 7).to_bytes())
     state = worker._load_state("s")

@@ -25,7 +25,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import orjson
 import pandas as pd
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from forecast import metrics
 from forecast.errors import ForecastError
@@ -38,6 +41,58 @@ log = logging.getLogger(__name__)
 
 KINDS = {"linear-lstm": "lstm", "tft": "tft"}
 TRIGGERING = ("residual", "level")
+
+
+class DriftListener:
+    """Every drift event on `drift-events`, from every worker, handed to ``notice``: the
+    one retraining loop runs where the store is (with the sink), whichever worker
+    detected the drift. Reads all partitions from their end at start, with no group."""
+
+    def __init__(
+        self, settings: Settings, bootstrap: str, notice: Callable[[list[DriftEvent]], None]
+    ) -> None:
+        self.topic = settings.topic("drift-events")
+        self.notice = notice
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None
+        )
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self.consumer.start()
+        await self.consumer.topics()  # fresh metadata, so the topic's partitions are known
+        ids = self.consumer.partitions_for_topic(self.topic) or set()
+        partitions = [TopicPartition(self.topic, p) for p in sorted(ids)]
+        self.consumer.assign(partitions)
+        await self.consumer.seek_to_end(*partitions)
+        for tp in partitions:  # resolve the positions now: nothing published later is missed
+            await self.consumer.position(tp)
+        self._task = asyncio.create_task(self._run(), name="drift-listener")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.consumer.stop()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                batches = await self.consumer.getmany(timeout_ms=500, max_records=5000)
+            except KafkaError as exc:
+                log.warning("drift listener: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            events = []
+            for records in batches.values():
+                for record in records:
+                    try:
+                        events.append(DriftEvent.from_message(orjson.loads(record.value or b"")))
+                    except (ValueError, KeyError, TypeError) as exc:
+                        log.error("drift listener: unreadable event: %s", exc)
+            if events:
+                self.notice(events)
 
 
 class Retrainer:
@@ -60,8 +115,8 @@ class Retrainer:
     # -- policy ------------------------------------------------------------------------
 
     def notice(self, events: list[DriftEvent]) -> None:
-        """Called by the worker with each batch's drift events (never blocks). A batch
-        may span days of a replay: events count in their time order."""
+        """Called with the drift events as they arrive (never blocks). They may span days
+        of a replay: they count in their time order."""
         for event in sorted(events, key=lambda e: e.ts):
             if event.signal not in TRIGGERING:
                 continue
@@ -151,6 +206,8 @@ class Retrainer:
             "--seed",
             str(params.get("seed", 0)),
         ]
+        result = data.with_suffix(".result.json")
+        args += ["--result", str(result)]
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -161,7 +218,7 @@ class Retrainer:
             preexec_fn=lambda: os.nice(10),  # the stream comes first
         )
         try:
-            out, err = await process.communicate()
+            _, err = await process.communicate()
         except asyncio.CancelledError:
             process.kill()
             await process.wait()
@@ -169,10 +226,10 @@ class Retrainer:
         if process.returncode != 0:
             tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
             raise ForecastError(f"training exited {process.returncode}: {tail[0]}")
-        for line in out.decode().splitlines():
-            if line.startswith(f"registered {name} v"):
-                return int(line.rsplit("v", 1)[1])
-        raise ForecastError("training did not report a registered version")
+        try:
+            return int(orjson.loads(result.read_bytes())["version"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ForecastError(f"training left no result in {result}: {exc}") from None
 
     async def stop(self) -> None:
         """Stop a training still running (its process too); the stream is stopping."""

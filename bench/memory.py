@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 import orjson
 
 from forecast.settings import Settings
+from models.base import ModelSet
 from models.baseline import SeasonalNaive
 from models.lstm import LinearLSTMNet, LSTMForecaster
 from models.tft import TFTConfig, TFTForecaster, build_network
 from streams.drift import DriftMonitor
-from streams.pipeline import BatchProcessor, ModelSet, RawRecord
+from streams.pipeline import BatchProcessor, RawRecord
 from streams.residuals import ResidualTracker
 from streams.state import SensorState
 from streams.validate import Limits

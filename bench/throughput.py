@@ -1,11 +1,15 @@
 """``forecast bench throughput`` and ``forecast bench latency``, in one process on an
 embedded broker.
 
+The broker, the worker and the gateway are started by the wiring of ``forecast up``
+(:mod:`forecast.runtime`), on a fresh data directory (no registered model: the baseline
+serves).
+
 Throughput: the same records are read by a raw aiokafka consumer (``getmany`` + orjson),
 by a plain Faust agent (iterates the stream, decodes each value), and by the engine's
 worker (validation, per-sensor state, the baseline forecast, residuals and drift,
-ClickHouse, publication). Each is timed from its first record to its last, so consumer
-group joins do not count.
+publication). Each is timed from its first records to its last, so consumer group joins
+do not count; the worker's progress is read from its ``forecast_readings_total`` metric.
 
 Latency: readings stamped with the wall clock when produced, at a steady rate over many
 sensors, through the worker and a gateway to a websocket subscriber; the latency of a
@@ -15,7 +19,9 @@ prediction is its arrival time minus its reading's time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import os
 import tempfile
 import time
 import uuid
@@ -30,17 +36,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from websockets.asyncio.client import connect
 from yarl import URL
 
+from forecast import metrics
+from forecast.kafka import Transport
+from forecast.runtime import authenticator, start_broker, start_gateway, start_worker
 from forecast.settings import Settings, load_settings
-from gateway.auth import Authenticator, KeyStore
-from gateway.feed import Feed
-from gateway.hub import Hub
-from gateway.ws import StreamServer
-from models.baseline import SeasonalNaive
-from sinks.clickhouse import Store
-from streams.broker import EmbeddedBroker, ensure_topics
-from streams.pipeline import ModelSet
-from streams.transport import Transport
-from streams.worker import Worker
+from forecast.workers import WorkerPool
+from gateway.http import ApiContext
 
 START = 1_700_000_000.0
 
@@ -53,28 +54,102 @@ class Throughput:
     raw_seconds: float
     faust_seconds: float
     engine_seconds: float
+    processes: dict[int, float]  # worker processes -> seconds (``--workers``)
 
     def per_second(self, seconds: float) -> float:
         return self.readings / seconds if seconds > 0 else math.inf
 
 
 def _settings(folder: str, **overrides: object) -> Settings:
-    return load_settings(data_dir=Path(folder), retrain=False, auth=False, **overrides)
+    """The bench's settings: an embedded broker, a fresh data directory, no auth."""
+    return load_settings(
+        data_dir=Path(folder),
+        kafka_bootstrap=None,
+        broker_port=0,
+        ws_port=0,
+        retrain=False,
+        auth=False,
+        **overrides,
+    )
 
 
-async def throughput(readings: int, per_record: int, sensors: int, horizon: int) -> Throughput:
+def _quiet(line: str) -> None:
+    """What ``forecast up`` announces (its URLs) is not the bench's output."""
+
+
+async def throughput(
+    readings: int, per_record: int, sensors: int, horizon: int, workers: int = 0
+) -> Throughput:
+    """With ``workers`` >= 1, also 1 and ``workers`` worker processes (as
+    ``forecast up --workers N`` runs them), each over the same records afresh."""
     with tempfile.TemporaryDirectory() as folder:
         settings = _settings(folder, horizon=horizon, kafka_session_timeout=2)
-        async with EmbeddedBroker() as broker:
-            await ensure_topics(broker.bootstrap, settings)
+        async with contextlib.AsyncExitStack() as stack:
+            bootstrap = await start_broker(stack, settings, _quiet)
             topic = settings.topic("readings")
             started = time.perf_counter()
-            records = await _produce(broker.bootstrap, topic, readings, per_record, sensors)
+            records = await _produce(bootstrap, topic, readings, per_record, sensors)
             produced = time.perf_counter() - started
-            raw = await _raw(broker.bootstrap, topic, records)
-            plain = await _plain_faust(broker.bootstrap, topic, records, settings)
-            engine = await _engine(broker.bootstrap, settings, readings)
-    return Throughput(readings, records, produced, raw, plain, engine)
+            raw = await _raw(bootstrap, topic, records)
+            plain = await _plain_faust(bootstrap, topic, records, settings)
+            engine = await _engine(bootstrap, settings, readings)
+            processes = {}
+            for count in sorted({1, workers}) if workers else ():
+                group = f"bench-pool-{count}-{uuid.uuid4().hex[:6]}"  # a fresh group
+                processes[count] = await _pool(bootstrap, folder, horizon, group, topic, count)
+    return Throughput(readings, records, produced, raw, plain, engine, processes)
+
+
+async def _pool(
+    bootstrap: str, folder: str, horizon: int, app: str, topic: str, count: int
+) -> float:
+    """``count`` worker processes of one group over the whole topic; seconds from the
+    group's first committed progress to the last record committed."""
+    env = {
+        "FORECAST_DATA_DIR": str(Path(folder) / app),
+        "FORECAST_HORIZON": str(horizon),
+        "FORECAST_KAFKA_SESSION_TIMEOUT": "2",
+        "FORECAST_RETRAIN": "false",
+        "FORECAST_AUTH": "false",
+        "FORECAST_WORKER_APP": app,
+    }
+    settings = load_settings(data_dir=Path(folder) / app)
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)  # what the children read
+    pool = WorkerPool(settings, bootstrap, count)
+    try:
+        await pool.start()
+        return await _committed_until_end(bootstrap, app, topic)
+    finally:
+        await pool.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+async def _committed_until_end(bootstrap: str, group: str, topic: str) -> float:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        ends = await consumer.end_offsets(partitions)
+        total = sum(ends.values())
+        first: tuple[float, int] | None = None
+        async with asyncio.timeout(1800):
+            while True:
+                done = sum([(await consumer.committed(tp)) or 0 for tp in partitions])
+                if first is None and done > 0:
+                    first = (time.perf_counter(), done)
+                if done >= total:
+                    break
+                await asyncio.sleep(0.05)
+        if first is None or first[1] >= total:
+            raise RuntimeError("the workers committed everything at once: use more --readings")
+        return (time.perf_counter() - first[0]) * total / (total - first[1])
+    finally:
+        await consumer.stop()
 
 
 async def _produce(bootstrap: str, topic: str, readings: int, per_record: int, sensors: int):
@@ -133,6 +208,7 @@ async def _plain_faust(bootstrap: str, topic: str, records: int, settings: Setti
         f"bench-plain-{uuid.uuid4().hex[:8]}",
         broker=f"kafka://{bootstrap}",
         store="memory://",
+        datadir=str(settings.data_dir / "faust-plain"),  # never the working directory
         web_enabled=False,
         topic_partitions=settings.kafka_partitions,
         broker_session_timeout=settings.kafka_session_timeout,
@@ -155,6 +231,7 @@ async def _plain_faust(bootstrap: str, topic: str, records: int, settings: Setti
                 done.set()
 
     app.agent(source, name="plain")(agent)
+    app.conf.datadir.mkdir(parents=True, exist_ok=True)
     await app.start()
     try:
         await asyncio.wait_for(done.wait(), 600)
@@ -164,28 +241,30 @@ async def _plain_faust(bootstrap: str, topic: str, records: int, settings: Setti
 
 
 async def _engine(bootstrap: str, settings: Settings, readings: int) -> float:
-    store = await asyncio.to_thread(Store.open, settings)
-    baseline = ModelSet(SeasonalNaive(horizon=settings.horizon, season=settings.season))
-    worker = Worker(settings, bootstrap, store, lambda: baseline)
-    handle, marks, done = worker.handle, {"seen": 0, "first": 0.0}, asyncio.Event()
+    """The worker of ``forecast up`` over the readings; the seconds ``readings`` take at
+    the rate it kept from its first batch to its last (joining the group not counted)."""
+    before = _accepted()
+    async with contextlib.AsyncExitStack() as stack:
+        started = time.perf_counter()
+        await start_worker(stack, settings, bootstrap)
+        first: tuple[float, float] | None = None  # when progress was first seen, and how much
+        async with asyncio.timeout(1800):
+            while (taken := _accepted() - before) < readings:
+                if first is None and taken > 0:
+                    first = (time.perf_counter(), taken)
+                await asyncio.sleep(0.005)
+        ended = time.perf_counter()
+    if first is None:  # all in one go: the group's join counts too
+        return ended - started
+    return (ended - first[0]) * readings / (readings - first[1])
 
-    async def counting(events):
-        if marks["seen"] == 0:
-            marks["first"] = time.perf_counter()
-        result = await handle(events)
-        marks["seen"] += result.outcomes["accepted"]
-        if marks["seen"] >= readings:
-            done.set()
-        return result
 
-    worker.handle = counting
-    await worker.start()
-    try:
-        await asyncio.wait_for(done.wait(), 1800)
-        return time.perf_counter() - marks["first"]
-    finally:
-        await worker.stop()
-        store.close()
+def _accepted() -> float:
+    """Readings the worker in this process has taken in, as its metric counts them."""
+    sample = metrics.REGISTRY.get_sample_value(
+        "forecast_readings_total", {"result": "accepted", "reason": ""}
+    )
+    return sample or 0.0
 
 
 @dataclass
@@ -201,27 +280,12 @@ async def latency(rate: float, sensors: int, seconds: float) -> Latency:
     """Readings at ``rate`` per second over ``sensors``; latency at a subscriber."""
     with tempfile.TemporaryDirectory() as folder:
         settings = _settings(folder, kafka_session_timeout=2)
-        async with EmbeddedBroker() as broker:
-            await ensure_topics(broker.bootstrap, settings)
-            store = await asyncio.to_thread(Store.open, settings)
-            baseline = ModelSet(SeasonalNaive(horizon=settings.horizon, season=settings.season))
-            worker = Worker(settings, broker.bootstrap, store, lambda: baseline)
-            hub = Hub(settings.replay_buffer)
-            feed = Feed(settings, broker.bootstrap, hub)
-            auth = Authenticator(KeyStore(Path(folder) / "keys.db"), enabled=False)
-            server = StreamServer(hub, auth, "127.0.0.1", 0, settings.ws_queue_size)
-            await worker.start()
-            await feed.start()
-            await server.start()
-            try:
-                return await _measure(
-                    broker.bootstrap, settings, server.port, rate, sensors, seconds
-                )
-            finally:
-                await server.stop()
-                await feed.stop()
-                await worker.stop()
-                store.close()
+        async with contextlib.AsyncExitStack() as stack:
+            bootstrap = await start_broker(stack, settings, _quiet)
+            await start_worker(stack, settings, bootstrap)
+            context = ApiContext(auth=authenticator(settings))
+            stream = await start_gateway(stack, settings, bootstrap, context)
+            return await _measure(bootstrap, settings, stream.port, rate, sensors, seconds)
 
 
 async def _measure(

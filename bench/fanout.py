@@ -1,5 +1,6 @@
 """``forecast bench fanout``: N websocket subscribers, latency from a prediction's
-publication on Kafka to its frame at each subscriber (clients run in a child process)."""
+publication on Kafka to its frame at each subscriber (clients run in a child process).
+The broker and the gateway are started by the wiring of ``forecast up``."""
 
 from __future__ import annotations
 
@@ -13,33 +14,31 @@ from pathlib import Path
 import orjson
 from aiokafka import AIOKafkaProducer
 
+from forecast.runtime import authenticator, start_broker, start_gateway
 from forecast.schemas import Prediction
 from forecast.settings import load_settings
-from gateway.auth import Authenticator, KeyStore
-from gateway.feed import Feed
-from gateway.hub import Hub
-from gateway.ws import StreamServer
-from streams.broker import EmbeddedBroker, ensure_topics
+from gateway.http import ApiContext
 
 
 async def run(subscribers: int, messages: int, rate: float) -> dict:
     with tempfile.TemporaryDirectory() as folder:
-        settings = load_settings(data_dir=Path(folder), rate_ws_connect="100000/minute")
-        async with EmbeddedBroker() as broker:
-            await ensure_topics(broker.bootstrap, settings)
-            hub = Hub(settings.replay_buffer)
-            feed = Feed(settings, broker.bootstrap, hub)
-            await feed.start()
-            auth = Authenticator(KeyStore(Path(folder) / "keys.db"), enabled=False)
-            server = StreamServer(
-                hub, auth, "127.0.0.1", 0, settings.ws_queue_size, connect_rate="100000/minute"
-            )
-            await server.start()
+        settings = load_settings(
+            data_dir=Path(folder),
+            kafka_bootstrap=None,
+            broker_port=0,
+            ws_port=0,
+            auth=False,
+            rate_ws_connect="100000/minute",
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            bootstrap = await start_broker(stack, settings, lambda line: None)
+            context = ApiContext(auth=authenticator(settings))
+            stream = await start_gateway(stack, settings, bootstrap, context)
             clients = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "gateway.fanout_bench",
-                f"ws://127.0.0.1:{server.port}/v1/stream",
+                "bench.fanout",
+                f"ws://{settings.http_host}:{stream.port}/v1/stream",
                 str(subscribers),
                 str(messages),
                 stdout=asyncio.subprocess.PIPE,
@@ -47,14 +46,12 @@ async def run(subscribers: int, messages: int, rate: float) -> dict:
             try:
                 if await clients.stdout.readline() != b"ready\n":  # everyone subscribed
                     raise RuntimeError("the benchmark's clients failed to subscribe")
-                await publish(broker.bootstrap, settings.topic("predictions"), messages, rate)
+                await publish(bootstrap, settings.topic("predictions"), messages, rate)
                 report = orjson.loads(await asyncio.wait_for(clients.stdout.read(), 120))
             finally:
                 with contextlib.suppress(ProcessLookupError):
                     clients.kill()
                 await clients.wait()
-                await server.stop()
-                await feed.stop()
     return report
 
 
