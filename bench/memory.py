@@ -1,116 +1,156 @@
-"""``forecast bench memory``: resident memory of a worker's processing with both models
-loaded (an LSTM in production, a TFT as shadow) holding state for many sensors.
+"""``forecast bench memory``: resident memory of a worker process holding state for many
+sensors, with both models loaded (the trained LSTM in production, a TFT as shadow: its
+weights fresh, memory does not depend on them).
 
-Readings go through the worker's own batch processor (validation, per-sensor state, both
-models, the baseline, residuals, drift) one round at a time: one reading per sensor.
-The state is kept as the worker keeps it: live objects in its cache (their snapshots go
-to the changelog). Network weights are untrained: memory does not depend on them.
-Resident memory is sampled after every round.
+The worker is ``forecast worker`` under ``WorkerPool`` (as ``forecast up --workers N``
+runs it), on a fresh data directory and registry; the broker runs in this process. First
+every sensor's window is filled fast: one record of a sensor's whole history each. Then,
+for ``minutes``, one reading per sensor per round (records of 100 readings), at the
+worker's pace (at most two rounds ahead of its commits). The worker's resident memory is
+sampled from ``/proc`` every few seconds throughout.
 """
 
 from __future__ import annotations
 
-import math
-import resource
+import asyncio
+import contextlib
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import orjson
+import numpy as np
 
+from bench.serving import (
+    Commits,
+    Produced,
+    Served,
+    bench_settings,
+    guarded,
+    history,
+    install,
+    produce,
+    quiet,
+    rounds,
+    rss_mib,
+    wait_committed,
+    worker_env,
+)
+from forecast.runtime import start_broker
 from forecast.settings import Settings
-from models.base import ModelSet
-from models.baseline import SeasonalNaive
-from models.lstm import LinearLSTMNet, LSTMForecaster
-from models.tft import TFTConfig, TFTForecaster, build_network
-from streams.drift import DriftMonitor
-from streams.pipeline import BatchProcessor, RawRecord
-from streams.residuals import ResidualTracker
-from streams.state import SensorState
-from streams.validate import Limits
+from forecast.workers import WorkerPool
 
-START = 1_700_000_000.0
+Progress = Callable[[str, float, float], None]  # phase, minutes, MiB
 
 
 @dataclass
 class Memory:
     sensors: int
+    fill: Produced = field(default_factory=Produced)
+    fill_seconds: float = 0.0
     rounds: int = 0
-    seconds: float = 0.0
-    state_bytes: int = 0
+    readings: int = 0  # after the fill
+    seconds: float = 0.0  # after the fill
     samples: list[tuple[float, float]] = field(default_factory=list)  # (seconds, MiB)
-    fill_index: int = 0  # the sample taken when every window was full
+    fill_index: int = 0  # the first sample with every window full
+    pids: set[int] = field(default_factory=set)  # more than one: the worker restarted
 
     @property
-    def filled(self) -> float:
-        return self.samples[self.fill_index][1]
+    def steady(self) -> np.ndarray:
+        """(minutes since the fill, MiB) of the samples once every window was full."""
+        rows = np.array(self.samples[self.fill_index :] or [(0.0, 0.0)])
+        return np.column_stack([(rows[:, 0] - rows[0, 0]) / 60, rows[:, 1]])
 
     @property
-    def final(self) -> float:
-        return self.samples[-1][1]
+    def slope(self) -> float:
+        """MiB per minute, least squares over the steady samples."""
+        rows = self.steady
+        if len(rows) < 2 or rows[-1, 0] <= 0:
+            return 0.0
+        return float(np.polyfit(rows[:, 0], rows[:, 1], 1)[0])
 
     @property
     def peak(self) -> float:
         return max(mib for _, mib in self.samples)
 
 
-def rss_mib() -> float:
-    with open("/proc/self/statm") as statm:
-        pages = int(statm.read().split()[1])
-    return pages * resource.getpagesize() / 2**20
-
-
-def run(
-    settings: Settings,
+async def memory(
     sensors: int,
     minutes: float,
-    tft_cadence: int,
-    progress: Callable[[int, float], None] | None = None,
+    served: Served,
+    interval: float = 2.0,
+    progress: Progress | None = None,
 ) -> Memory:
-    lstm = LSTMForecaster(LinearLSTMNet(336, 24, 64), 1, [1.0] * 24)
-    tft_config = TFTConfig(horizon=24, cadence=tft_cadence)
-    tft = TFTForecaster(build_network(tft_config), 1, tft_config)
-    tft.name = "tft"
-    models = ModelSet(SeasonalNaive(horizon=24, season=24), lstm, tft)
-    states: dict[str, SensorState] = {}  # the worker's cache of live states
-    processor = BatchProcessor(
-        lambda: models,
-        Limits(max_batch_readings=sensors),
-        settings.allowed_lateness,
-        states.get,
-        tracker=ResidualTracker(settings.horizons),
-        drift=DriftMonitor(settings.drift_config()),
-    )
-    fill = 336 + 1  # readings before the longest window (the LSTM's) is full
     report = Memory(sensors)
+    with tempfile.TemporaryDirectory() as folder:
+        settings = bench_settings(folder, kafka_session_timeout=2)
+        install(settings, served)
+        async with contextlib.AsyncExitStack() as stack:
+            bootstrap = await start_broker(stack, settings, quiet)
+            stack.enter_context(worker_env(settings))
+            pool = WorkerPool(settings, bootstrap, 1)
+            stack.push_async_callback(pool.stop)
+            await pool.start()
+            sampling = asyncio.create_task(_sample(pool, report, interval, progress))
+            try:
+                await guarded(_fill(bootstrap, settings, report, served.window), pool)
+                report.fill_index = len(report.samples)
+                steady = _steady(bootstrap, settings, report, served.window, minutes)
+                await guarded(steady, pool)
+                await asyncio.sleep(interval)  # a sample after the last round
+            finally:
+                sampling.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampling
+    report.fill_index = min(report.fill_index, len(report.samples) - 1)
+    return report
+
+
+async def _sample(
+    pool: WorkerPool, report: Memory, interval: float, progress: Progress | None
+) -> None:
     started = time.perf_counter()
     while True:
-        batch = [
-            {
-                "sensor_id": f"mem.{s}",
-                "ts": START + 3600.0 * report.rounds,
-                "value": math.sin(report.rounds / 24 * 2 * math.pi) + s % 7,
-            }
-            for s in range(sensors)
-        ]
-        records = [
-            RawRecord("readings", 0, report.rounds * 100 + i, None, orjson.dumps(batch[i::100]))
-            for i in range(min(100, sensors))
-        ]
-        result = processor.process(records)
-        for sensor_id, (_, state) in result.touched.items():
-            states[sensor_id] = state
-            state.to_bytes()  # the snapshot the worker logs to the changelog
-        report.rounds += 1
-        elapsed = time.perf_counter() - started
-        report.samples.append((elapsed, rss_mib()))
-        if report.rounds == fill:
-            report.fill_index = len(report.samples) - 1
-        if progress:
-            progress(report.rounds, report.samples[-1][1])
-        filled_at = report.samples[report.fill_index][0]
-        if report.rounds > fill and elapsed - filled_at > minutes * 60:
-            break
-    report.seconds = time.perf_counter() - started
-    report.state_bytes = sum(len(state.to_bytes()) for state in states.values())
-    return report
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            pid = pool.pids()[0]
+            mib = rss_mib(pid)
+            report.pids.add(pid)
+            elapsed = time.perf_counter() - started
+            report.samples.append((elapsed, mib))
+            if progress:
+                phase = "steady" if report.fill_index else "filling"
+                progress(phase, elapsed / 60, mib)
+        await asyncio.sleep(interval)
+
+
+async def _fill(bootstrap: str, settings: Settings, report: Memory, window: int) -> None:
+    """Every sensor's window, one record of its history each, until committed."""
+    started = time.perf_counter()
+    topic = settings.topic("readings")
+    records = history(range(report.sensors), range(window), window, prefix="mem")
+    report.fill = await produce(bootstrap, [topic], records)
+    group = settings.topic(settings.worker_app)
+    await wait_committed(bootstrap, group, topic, report.fill.records)
+    report.fill_seconds = time.perf_counter() - started
+
+
+async def _steady(
+    bootstrap: str, settings: Settings, report: Memory, window: int, minutes: float
+) -> None:
+    """One reading per sensor per round for ``minutes``, at most two rounds ahead of
+    what the worker has committed."""
+    topic = settings.topic("readings")
+    group = settings.topic(settings.worker_app)
+    async with Commits(bootstrap, group, topic) as commits:
+        started, ends = time.perf_counter(), [report.fill.records]
+        while time.perf_counter() - started < minutes * 60 or report.rounds == 0:
+            step = window + report.rounds
+            records = rounds(report.sensors, range(step, step + 1), 100, 1 << 40, "mem")
+            sent = await produce(bootstrap, [topic], records)
+            report.rounds += 1
+            report.readings += sent.readings
+            ends.append(ends[-1] + sent.records)
+            if len(ends) > 2:
+                await commits.reach(ends[-3])
+        await commits.reach(ends[-1])
+        report.seconds = time.perf_counter() - started

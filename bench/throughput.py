@@ -2,18 +2,27 @@
 embedded broker.
 
 The broker, the worker and the gateway are started by the wiring of ``forecast up``
-(:mod:`forecast.runtime`), on a fresh data directory (no registered model: the baseline
-serves).
+(:mod:`forecast.runtime`), on a fresh data directory whose registry has the trained LSTM
+in production (:mod:`bench.serving`; ``--model baseline``: none), the baseline as its
+fallback, residuals and drift on (the defaults).
 
-Throughput: the same records are read by a raw aiokafka consumer (``getmany`` + orjson),
-by a plain Faust agent (iterates the stream, decodes each value), and by the engine's
-worker (validation, per-sensor state, the baseline forecast, residuals and drift,
-publication). Each is timed from its first records to its last, so consumer group joins
-do not count; the worker's progress is read from its ``forecast_readings_total`` metric.
+Throughput: first every sensor's window is filled (``lookback`` readings per sensor, in
+records of one sensor's history; not timed) and the worker is waited for; then the timed
+readings are produced, to the worker's topic and to a copy topic. They are read by a raw
+aiokafka consumer (``getmany`` + orjson) and by a plain Faust agent (iterates the stream,
+decodes each value) from the copy, and by the engine's worker (validation, per-sensor
+state, the LSTM, the baseline, residuals and drift, publication). Each is timed from its
+first records to its last, so consumer group joins do not count; the worker's progress
+is read from its ``forecast_readings_total`` metric, what served from
+``forecast_predictions_total`` and ``forecast_fallbacks_total``. With ``--workers N``,
+``WorkerPool`` runs 1 and then N worker processes over the whole topic afresh (each on a
+data directory of its own), timed by their group's commits past the warm-up records;
+what served is counted on the ``predictions`` topic.
 
-Latency: readings stamped with the wall clock when produced, at a steady rate over many
-sensors, through the worker and a gateway to a websocket subscriber; the latency of a
-prediction is its arrival time minus its reading's time.
+Latency: windows are filled the same way first; then readings stamped with the wall
+clock, at a steady rate over many sensors, go through the worker(s) and a gateway to a
+websocket subscriber; the latency of a prediction is its arrival time minus its
+reading's time.
 """
 
 from __future__ import annotations
@@ -21,12 +30,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
-from datetime import datetime
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faust
@@ -36,150 +44,177 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from websockets.asyncio.client import connect
 from yarl import URL
 
+from bench.serving import (
+    START,
+    STEP,
+    Commits,
+    Produced,
+    Served,
+    ServedCount,
+    bench_settings,
+    create_topic,
+    end_offsets,
+    epoch,
+    guarded,
+    history,
+    install,
+    produce,
+    quiet,
+    rounds,
+    served_on_topic,
+    wait_committed,
+    worker_env,
+)
 from forecast import metrics
 from forecast.kafka import Transport
-from forecast.runtime import authenticator, start_broker, start_gateway, start_worker
-from forecast.settings import Settings, load_settings
+from forecast.runtime import Failing, authenticator, start_broker, start_gateway, start_worker
+from forecast.settings import Settings
 from forecast.workers import WorkerPool
 from gateway.http import ApiContext
 
-START = 1_700_000_000.0
+COPY = "bench.copy"  # the timed records again, for the raw consumer and the plain agent
+COMMIT_TIMEOUT = 1800.0
+
+
+@dataclass
+class Run:
+    """The engine over the timed readings: seconds at its rate, and what served them."""
+
+    seconds: float
+    served: ServedCount
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage (in-process)
 
 
 @dataclass
 class Throughput:
     readings: int
     records: int
-    produced_seconds: float
+    warm: Produced  # the untimed history that filled every window
+    warm_seconds: float  # until the in-process worker had taken it in
     raw_seconds: float
     faust_seconds: float
-    engine_seconds: float
-    processes: dict[int, float]  # worker processes -> seconds (``--workers``)
+    engine: Run
+    processes: dict[int, Run]  # worker processes -> their run (``--workers``)
 
     def per_second(self, seconds: float) -> float:
         return self.readings / seconds if seconds > 0 else math.inf
 
 
-def _settings(folder: str, **overrides: object) -> Settings:
-    """The bench's settings: an embedded broker, a fresh data directory, no auth."""
-    return load_settings(
-        data_dir=Path(folder),
-        kafka_bootstrap=None,
-        broker_port=0,
-        ws_port=0,
-        retrain=False,
-        auth=False,
-        **overrides,
-    )
-
-
-def _quiet(line: str) -> None:
-    """What ``forecast up`` announces (its URLs) is not the bench's output."""
-
-
 async def throughput(
-    readings: int, per_record: int, sensors: int, horizon: int, workers: int = 0
+    readings: int, per_record: int, sensors: int, horizon: int, served: Served, workers: int = 0
 ) -> Throughput:
     """With ``workers`` >= 1, also 1 and ``workers`` worker processes (as
     ``forecast up --workers N`` runs them), each over the same records afresh."""
     with tempfile.TemporaryDirectory() as folder:
-        settings = _settings(folder, horizon=horizon, kafka_session_timeout=2)
+        settings = bench_settings(Path(folder) / "engine", horizon=horizon, kafka_session_timeout=2)
+        install(settings, served)
         async with contextlib.AsyncExitStack() as stack:
-            bootstrap = await start_broker(stack, settings, _quiet)
+            bootstrap = await start_broker(stack, settings, quiet)
             topic = settings.topic("readings")
-            started = time.perf_counter()
-            records = await _produce(bootstrap, topic, readings, per_record, sensors)
-            produced = time.perf_counter() - started
-            raw = await _raw(bootstrap, topic, records)
-            plain = await _plain_faust(bootstrap, topic, records, settings)
-            engine = await _engine(bootstrap, settings, readings)
+            await create_topic(bootstrap, COPY, settings.kafka_partitions)
+            window = served.window
+            warm = await produce(bootstrap, [topic], history(range(sensors), range(window), window))
+            timed = rounds(sensors, range(window, 1 << 40), per_record, readings)
+            engine, warm_seconds, main = await _engine(bootstrap, settings, warm, timed, readings)
+            raw = await _raw(bootstrap, COPY, main.records)
+            plain = await _plain_faust(bootstrap, COPY, main.records, settings)
             processes = {}
             for count in sorted({1, workers}) if workers else ():
-                group = f"bench-pool-{count}-{uuid.uuid4().hex[:6]}"  # a fresh group
-                processes[count] = await _pool(bootstrap, folder, horizon, group, topic, count)
-    return Throughput(readings, records, produced, raw, plain, engine, processes)
+                where = Path(folder) / f"pool-{count}"
+                processes[count] = await _pool(bootstrap, where, settings, served, count, warm)
+    return Throughput(readings, main.records, warm, warm_seconds, raw, plain, engine, processes)
+
+
+async def _engine(
+    bootstrap: str, settings: Settings, warm: Produced, timed, readings: int
+) -> tuple[Run, float, Produced]:
+    """The worker of ``forecast up``: takes in the warm-up (seconds it took), then the
+    timed readings as they are produced; the seconds ``readings`` take at the rate it
+    kept from its first timed batch to its last (from their production's start if it
+    took them in one batch)."""
+    topic = settings.topic("readings")
+    async with contextlib.AsyncExitStack() as stack:
+        started = time.perf_counter()
+        worker = await start_worker(stack, settings, bootstrap)
+        group = settings.topic(settings.worker_app)
+        await guarded(wait_committed(bootstrap, group, topic, warm.records), worker)
+        warm_seconds = time.perf_counter() - started
+        before, served_before = _accepted(), ServedCount.now()
+        worker.processor.seconds.clear()
+        began = time.perf_counter()
+        producing = asyncio.create_task(produce(bootstrap, [topic, COPY], timed))
+        first: tuple[float, float] | None = None  # when progress was first seen, and how much
+        async with asyncio.timeout(COMMIT_TIMEOUT):
+            while (taken := _accepted() - before) < readings:
+                if first is None and taken > 0:
+                    first = (time.perf_counter(), taken)
+                await asyncio.sleep(0.005)
+        ended = time.perf_counter()
+        stages = dict(worker.processor.seconds)
+        main = await producing
+        await asyncio.sleep(0.2)  # the last batch's metrics
+        served = ServedCount.now().since(served_before)
+    if first is None:  # all in one batch: from the start of their production
+        return Run(ended - began, served, stages), warm_seconds, main
+    seconds = (ended - first[0]) * readings / (readings - first[1])
+    return Run(seconds, served, stages), warm_seconds, main
+
+
+def _accepted() -> float:
+    """Readings the worker in this process has taken in, as its metric counts them."""
+    sample = metrics.REGISTRY.get_sample_value(
+        "forecast_readings_total", {"result": "accepted", "reason": ""}
+    )
+    return sample or 0.0
 
 
 async def _pool(
-    bootstrap: str, folder: str, horizon: int, app: str, topic: str, count: int
-) -> float:
-    """``count`` worker processes of one group over the whole topic; seconds from the
-    group's first committed progress to the last record committed."""
-    env = {
-        "FORECAST_DATA_DIR": str(Path(folder) / app),
-        "FORECAST_HORIZON": str(horizon),
-        "FORECAST_KAFKA_SESSION_TIMEOUT": "2",
-        "FORECAST_RETRAIN": "false",
-        "FORECAST_AUTH": "false",
-        "FORECAST_WORKER_APP": app,
-    }
-    settings = load_settings(data_dir=Path(folder) / app)
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)  # what the children read
-    pool = WorkerPool(settings, bootstrap, count)
-    try:
-        await pool.start()
-        return await _committed_until_end(bootstrap, app, topic)
-    finally:
-        await pool.stop()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    bootstrap: str, where: Path, engine: Settings, served: Served, count: int, warm: Produced
+) -> Run:
+    """``count`` worker processes of one fresh group over the whole readings topic."""
+    app = f"bench-pool-{count}-{uuid.uuid4().hex[:6]}"
+    settings = bench_settings(
+        where, horizon=engine.horizon, kafka_session_timeout=2, worker_app=app
+    )
+    install(settings, served)
+    predictions = settings.topic("predictions")
+    since = await end_offsets(bootstrap, predictions)
+    with worker_env(settings):
+        pool = WorkerPool(settings, bootstrap, count)
+        try:
+            await pool.start()
+            timing = _committed_until_end(
+                bootstrap, settings.topic(app), settings.topic("readings"), warm.records
+            )
+            seconds = await guarded(timing, pool)
+        finally:
+            await pool.stop()
+    counts = await served_on_topic(bootstrap, predictions, since, START + STEP * served.window)
+    return Run(seconds, ServedCount(counts))
 
 
-async def _committed_until_end(bootstrap: str, group: str, topic: str) -> float:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        ends = await consumer.end_offsets(partitions)
+async def _committed_until_end(bootstrap: str, group: str, topic: str, floor: int) -> float:
+    """Seconds the group takes for the records past ``floor`` (the warm-up), at the rate
+    it kept from its first commit past the floor to its commit of the last record; if
+    one commit took them all, from the last commit seen below the floor (an upper bound:
+    commits come every few seconds)."""
+    async with Commits(bootstrap, group, topic) as commits:
+        ends = await commits.consumer.end_offsets(commits.partitions)
         total = sum(ends.values())
-        first: tuple[float, int] | None = None
-        async with asyncio.timeout(1800):
+        below, first = time.perf_counter(), None  # last seen at the floor; first past it
+        async with asyncio.timeout(COMMIT_TIMEOUT):
             while True:
-                done = sum([(await consumer.committed(tp)) or 0 for tp in partitions])
-                if first is None and done > 0:
-                    first = (time.perf_counter(), done)
+                done, now = await commits.total(), time.perf_counter()
+                if done <= floor:
+                    below = now
+                elif first is None:
+                    first = (now, done)
                 if done >= total:
                     break
                 await asyncio.sleep(0.05)
-        if first is None or first[1] >= total:
-            raise RuntimeError("the workers committed everything at once: use more --readings")
-        return (time.perf_counter() - first[0]) * total / (total - first[1])
-    finally:
-        await consumer.stop()
-
-
-async def _produce(bootstrap: str, topic: str, readings: int, per_record: int, sensors: int):
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=1 << 20, acks=1
-    )
-    await producer.start()
-    try:
-        sent, records, pending = 0, 0, []
-        while sent < readings:
-            count = min(per_record, readings - sent)
-            batch = [
-                {
-                    "sensor_id": f"bench.{(sent + i) % sensors}",
-                    "ts": START + 60.0 * ((sent + i) // sensors),
-                    "value": math.sin((sent + i) / 97.0),
-                }
-                for i in range(count)
-            ]
-            key = batch[0]["sensor_id"].encode()
-            value = orjson.dumps(batch if per_record > 1 else batch[0])
-            pending.append(await producer.send(topic, value, key))
-            sent, records = sent + count, records + 1
-            if len(pending) >= 5000:
-                await asyncio.gather(*pending)
-                pending.clear()
-        await asyncio.gather(*pending)
-    finally:
-        await producer.stop()
-    return records
+    if first[1] >= total:
+        return now - below
+    return (now - first[0]) * (total - floor) / (total - first[1])
 
 
 async def _raw(bootstrap: str, topic: str, records: int) -> float:
@@ -240,31 +275,7 @@ async def _plain_faust(bootstrap: str, topic: str, records: int, settings: Setti
         await app.stop()
 
 
-async def _engine(bootstrap: str, settings: Settings, readings: int) -> float:
-    """The worker of ``forecast up`` over the readings; the seconds ``readings`` take at
-    the rate it kept from its first batch to its last (joining the group not counted)."""
-    before = _accepted()
-    async with contextlib.AsyncExitStack() as stack:
-        started = time.perf_counter()
-        await start_worker(stack, settings, bootstrap)
-        first: tuple[float, float] | None = None  # when progress was first seen, and how much
-        async with asyncio.timeout(1800):
-            while (taken := _accepted() - before) < readings:
-                if first is None and taken > 0:
-                    first = (time.perf_counter(), taken)
-                await asyncio.sleep(0.005)
-        ended = time.perf_counter()
-    if first is None:  # all in one go: the group's join counts too
-        return ended - started
-    return (ended - first[0]) * readings / (readings - first[1])
-
-
-def _accepted() -> float:
-    """Readings the worker in this process has taken in, as its metric counts them."""
-    sample = metrics.REGISTRY.get_sample_value(
-        "forecast_readings_total", {"result": "accepted", "reason": ""}
-    )
-    return sample or 0.0
+# -- latency ----------------------------------------------------------------------------
 
 
 @dataclass
@@ -274,49 +285,82 @@ class Latency:
     p50: float
     p99: float
     max: float
+    warm: Produced
+    warm_seconds: float
+    served: Counter  # predictions by model in the timed part, at the subscriber
 
 
-async def latency(rate: float, sensors: int, seconds: float) -> Latency:
-    """Readings at ``rate`` per second over ``sensors``; latency at a subscriber."""
+async def latency(
+    rate: float, sensors: int, seconds: float, served: Served, workers: int = 1
+) -> Latency:
+    """Readings at ``rate`` per second over ``sensors``; latency at a subscriber. With
+    ``workers`` > 1, that many worker processes (``WorkerPool``) instead of one in this
+    process."""
     with tempfile.TemporaryDirectory() as folder:
-        settings = _settings(folder, kafka_session_timeout=2)
+        settings = bench_settings(folder, kafka_session_timeout=2)
+        install(settings, served)
         async with contextlib.AsyncExitStack() as stack:
-            bootstrap = await start_broker(stack, settings, _quiet)
-            await start_worker(stack, settings, bootstrap)
+            bootstrap = await start_broker(stack, settings, quiet)
+            started = time.perf_counter()
+            part = await _workers(stack, settings, bootstrap, workers)
             context = ApiContext(auth=authenticator(settings))
             stream = await start_gateway(stack, settings, bootstrap, context)
-            return await _measure(bootstrap, settings, stream.port, rate, sensors, seconds)
+            warm = await guarded(_fill(bootstrap, settings, sensors, served.window), part)
+            warm_seconds = time.perf_counter() - started
+            result = await _measure(bootstrap, settings, stream.port, rate, sensors, seconds)
+            result.warm, result.warm_seconds = warm, warm_seconds
+            return result
+
+
+async def _workers(
+    stack: contextlib.AsyncExitStack, settings: Settings, bootstrap: str, count: int
+) -> Failing:
+    """One worker in this process, or ``count`` worker processes, as ``forecast up``."""
+    if count <= 1:
+        return await start_worker(stack, settings, bootstrap)
+    stack.enter_context(worker_env(settings))
+    pool = WorkerPool(settings, bootstrap, count)
+    stack.push_async_callback(pool.stop)
+    await pool.start()
+    return pool
+
+
+async def _fill(bootstrap: str, settings: Settings, sensors: int, window: int) -> Produced:
+    """Every sensor's window, in records of its history (an hour apart, ending more than
+    a day ago); returns once the worker(s) committed them."""
+    topic = settings.topic("readings")
+    records = history(range(sensors), range(window), window, prefix="lat")
+    warm = await produce(bootstrap, [topic], records)
+    await wait_committed(bootstrap, settings.topic(settings.worker_app), topic, warm.records)
+    return warm
 
 
 async def _measure(
     bootstrap: str, settings: Settings, port: int, rate: float, sensors: int, seconds: float
 ) -> Latency:
     delays: list[float] = []
+    models: Counter = Counter()
     async with connect(f"ws://127.0.0.1:{port}/v1/stream", max_queue=None) as ws:
         await ws.send(orjson.dumps({"op": "subscribe", "sensors": ["*"]}).decode())
         await ws.recv()  # subscribed
+        warm_until = time.time() + 1e9
 
         async def receive() -> None:
             async for frame in ws:
                 message = orjson.loads(frame)
                 if message.get("type") == "prediction":
-                    sent = _epoch(message["ts"])
+                    sent = epoch(message["ts"])
                     if sent >= warm_until:
                         delays.append(time.time() - sent)
+                        models[message["model"]] += 1
 
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, acks=1)
         await producer.start()
-        # Two readings per sensor before timing: a sensor's first reading has no forecast,
-        # and the consumer group joins meanwhile.
-        warm_until = time.time() + 1e9
         receiving = asyncio.create_task(receive())
-        topic = settings.topic("readings")
-        await _steady(producer, topic, rate, sensors, range(2 * sensors))
-        await asyncio.sleep(settings.kafka_session_timeout + 2)
+        await asyncio.sleep(1.0)  # the feed passes what the warm-up published
         warm_until = time.time()
-        sent = await _steady(
-            producer, topic, rate, sensors, range(2 * sensors, 2 * sensors + int(rate * seconds))
-        )
+        topic = settings.topic("readings")
+        sent = await _steady(producer, topic, rate, sensors, range(int(rate * seconds)))
         await asyncio.sleep(2.0)
         receiving.cancel()
         await producer.stop()
@@ -327,6 +371,9 @@ async def _measure(
         float(np.percentile(values, 50)),
         float(np.percentile(values, 99)),
         float(values.max()),
+        Produced(),
+        0.0,
+        models,
     )
 
 
@@ -339,11 +386,12 @@ async def _steady(
         delay = started + i / rate - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        reading = {"sensor_id": f"lat.{n % sensors}", "ts": time.time(), "value": math.sin(n)}
+        sensor = n % sensors
+        reading = {
+            "sensor_id": f"lat.{sensor}",
+            "ts": time.time(),
+            "value": sensor % 7 + math.sin(n / sensors / 24 * 2 * math.pi),
+        }
         await producer.send(topic, orjson.dumps(reading), reading["sensor_id"].encode())
     await producer.flush()
     return len(numbers)
-
-
-def _epoch(stamp: str) -> float:
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()

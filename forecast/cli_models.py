@@ -364,6 +364,80 @@ def bench_drift(dataset: Path, detectors: str, injections: int, shift: float, sc
     )
 
 
+def _serving_options(fn):
+    """What serves in a bench: the LSTM (trained once, cached) or the baseline alone."""
+    options = [
+        click.option(
+            "--model",
+            type=click.Choice(["lstm", "baseline"]),
+            default="lstm",
+            show_default=True,
+            help="lstm: a trained LSTM in production, the baseline as fallback; "
+            "baseline: the baseline alone.",
+        ),
+        click.option(
+            "--train-data",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Wide CSV the LSTM trains on (default: ../shared/data/ett/ETTh1.csv).",
+        ),
+        click.option(
+            "--train-epochs",
+            type=click.IntRange(0, 1000),
+            default=3,
+            show_default=True,
+            help="LSTM epochs (0: its ridge start only).",
+        ),
+        click.option(
+            "--model-cache",
+            type=click.Path(file_okay=False, path_type=Path),
+            help="Where trained LSTMs are kept between runs (default: ~/.cache/forecast-bench).",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _served(
+    model: str,
+    train_data: Path | None,
+    train_epochs: int,
+    model_cache: Path | None,
+    horizon: int = 24,
+    tft_cadence: int | None = None,
+):
+    """The artifacts a bench registers: the LSTM (from the cache or trained now, with
+    progress on stderr) and, with ``tft_cadence``, a TFT shadow."""
+    from bench.serving import (
+        DEFAULT_CACHE,
+        DEFAULT_DATA,
+        LstmPlan,
+        Served,
+        trained_lstm,
+        untrained_tft,
+    )
+
+    if model == "baseline":
+        return Served()
+    data = train_data or DEFAULT_DATA
+    if not data.is_file():
+        raise ForecastError(f"no training data at {data}: pass --train-data FILE")
+    plan = LstmPlan(data, train_epochs, model_cache or DEFAULT_CACHE, horizon=horizon)
+    served = Served(trained_lstm(plan, lambda line: click.echo(line, err=True)))
+    if tft_cadence is not None:
+        served.tft = untrained_tft(tft_cadence)
+    return served
+
+
+def _serving_args(model: str, train_data: Path | None, train_epochs: int, cache: Path | None):
+    """The serving options as given, for the command line to reproduce."""
+    if model == "baseline":
+        return " --model baseline"
+    args = f" --model lstm --train-epochs {train_epochs}"
+    args += f" --train-data {train_data}" if train_data else ""
+    return args + (f" --model-cache {cache}" if cache else "")
+
+
 @command(bench, "throughput")
 @click.option("--readings", type=click.IntRange(1, 10_000_000), default=200_000, show_default=True)
 @click.option(
@@ -382,8 +456,17 @@ def bench_drift(dataset: Path, detectors: str, injections: int, shift: float, sc
     show_default=True,
     help="Also run 1 and N worker processes (as `forecast up --workers N`); 0: not.",
 )
+@_serving_options
 def bench_throughput(
-    readings: int, per_record: int, sensors: int, horizon: int, workers: int
+    readings: int,
+    per_record: int,
+    sensors: int,
+    horizon: int,
+    workers: int,
+    model: str,
+    train_data: Path | None,
+    train_epochs: int,
+    model_cache: Path | None,
 ) -> None:
     """Readings/s through the worker, beside a plain Faust agent and a raw consumer."""
     import asyncio
@@ -391,56 +474,163 @@ def bench_throughput(
     from bench.throughput import throughput
 
     settings_from_env()
-    click.echo(f"producing {readings} readings ({per_record} per record)...", err=True)
-    r = asyncio.run(throughput(readings, per_record, sensors, horizon, workers))
+    served = _served(model, train_data, train_epochs, model_cache, horizon)
+    click.echo(
+        f"filling {sensors} windows of {served.window}, then {readings} readings "
+        f"({per_record} per record)...",
+        err=True,
+    )
+    r = asyncio.run(throughput(readings, per_record, sensors, horizon, served, workers))
     click.echo(
         f"{r.readings} readings in {r.records} records over {sensors} sensors; "
         f"each forecast {horizon} steps ahead"
     )
-    engine = r.per_second(r.engine_seconds)
+    click.echo(served.describe())
+    click.echo(
+        f"warm-up (not timed): {r.warm.readings} readings ({served.window} per sensor) in "
+        f"{r.warm.records} records, taken in by the worker in {r.warm_seconds:.1f}s"
+    )
+    engine = r.per_second(r.engine.seconds)
     for label, seconds in (
         ("raw aiokafka consumer (getmany + orjson)", r.raw_seconds),
         ("plain Faust agent (decode each record)", r.faust_seconds),
-        ("engine worker (validate, forecast, publish)", r.engine_seconds),
+        ("engine worker (validate, forecast, publish)", r.engine.seconds),
     ):
         rate = r.per_second(seconds)
         click.echo(f"{label:<58}{rate:>12,.0f} readings/s  ({engine / rate:.2f}x)")
-    for count, seconds in r.processes.items():
-        rate = r.per_second(seconds)
+    click.echo(f"  served in the timed part: {r.engine.served.describe()}")
+    click.echo(_stage_table(r.engine.stages, readings))
+    for count, run in r.processes.items():
+        rate = r.per_second(run.seconds)
         label = f"engine, {count} worker process{'es' if count > 1 else ''}"
         click.echo(f"{label:<58}{rate:>12,.0f} readings/s  ({engine / rate:.2f}x)")
+        click.echo(f"  served in the timed part: {run.served.describe()}")
     if len(r.processes) == 2:
-        one, many = (r.per_second(s) for s in r.processes.values())
+        one, many = (r.per_second(run.seconds) for run in r.processes.values())
         click.echo(f"{workers} worker processes over 1: {many / one:.2f}x")
     click.echo("the ratio column is the in-process engine's rate over each row's rate")
     click.echo(machine())
     click.echo(
         f"command: forecast bench throughput --readings {readings} --per-record {per_record} "
-        f"--sensors {sensors} --horizon {horizon}" + (f" --workers {workers}" if workers else "")
+        f"--sensors {sensors} --horizon {horizon}"
+        + (f" --workers {workers}" if workers else "")
+        + _serving_args(model, train_data, train_epochs, model_cache)
     )
+
+
+def _stage_table(stages: dict[str, float], readings: int) -> str:
+    """Where the in-process worker's time went in the timed part, per reading."""
+    if not stages:
+        return "  (no stage times)"
+    rows = [
+        f"    {name:<24}{seconds / readings * 1e6:>8.1f} µs/reading"
+        for name, seconds in sorted(stages.items(), key=lambda item: -item[1])
+    ]
+    total = sum(stages.values()) / readings * 1e6
+    rows.append(f"    {'(all stages)':<24}{total:>8.1f} µs/reading")
+    head = "  the worker's stages (wall time; the rest is Faust, asyncio, the broker):"
+    return "\n".join([head, *rows])
 
 
 @command(bench, "latency")
 @click.option("--rate", type=click.FloatRange(1, 100_000), default=1000.0, show_default=True)
 @click.option("--sensors", type=click.IntRange(1, 1_000_000), default=1000, show_default=True)
 @click.option("--seconds", type=click.FloatRange(1, 3600), default=30.0, show_default=True)
-def bench_latency(rate: float, sensors: int, seconds: float) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Worker processes (1: one worker in the bench's process, as `forecast up`).",
+)
+@_serving_options
+def bench_latency(
+    rate: float,
+    sensors: int,
+    seconds: float,
+    workers: int,
+    model: str,
+    train_data: Path | None,
+    train_epochs: int,
+    model_cache: Path | None,
+) -> None:
     """Reading produced to prediction received by a websocket subscriber."""
     import asyncio
 
     from bench.throughput import latency
 
     settings_from_env()
+    served = _served(model, train_data, train_epochs, model_cache)
     click.echo(f"{rate:.0f} readings/s over {sensors} sensors for {seconds:.0f}s...", err=True)
-    r = asyncio.run(latency(rate, sensors, seconds))
+    r = asyncio.run(latency(rate, sensors, seconds, served, workers))
+    click.echo(served.describe())
+    click.echo(
+        f"warm-up (not timed): {r.warm.readings} readings ({served.window} per sensor) in "
+        f"{r.warm.records} records, taken in by {workers} worker"
+        f"{'s' if workers > 1 else ''} {r.warm_seconds:.1f}s after their start"
+    )
     click.echo(f"sent {r.sent} readings, {r.received} predictions received")
     click.echo(
         f"reading -> prediction at the subscriber: p50 {r.p50 * 1000:.1f} ms, "
         f"p99 {r.p99 * 1000:.1f} ms, max {r.max * 1000:.1f} ms (budget: p99 < 50 ms)"
     )
+    models = ", ".join(f"{m} {n}" for m, n in r.served.most_common()) or "none"
+    click.echo(f"served in the timed part: {models}; fallbacks {r.served['baseline']}")
     click.echo(machine())
     click.echo(
-        f"command: forecast bench latency --rate {rate:g} --sensors {sensors} --seconds {seconds:g}"
+        f"command: forecast bench latency --rate {rate:g} --sensors {sensors} --seconds "
+        f"{seconds:g} --workers {workers}"
+        + _serving_args(model, train_data, train_epochs, model_cache)
+    )
+
+
+@command(bench, "restore")
+@click.option("--sensors", type=click.IntRange(1, 1_000_000), default=10_000, show_default=True)
+@click.option(
+    "--sample",
+    type=click.IntRange(1, 10_000),
+    default=100,
+    show_default=True,
+    help="Sensors checked against a worker that was not restarted.",
+)
+@_serving_options
+def bench_restore(
+    sensors: int,
+    sample: int,
+    model: str,
+    train_data: Path | None,
+    train_epochs: int,
+    model_cache: Path | None,
+) -> None:
+    """State restored after a worker restart: its start to every sensor's next forecast."""
+    import asyncio
+
+    from bench.restore import restore
+
+    settings_from_env()
+    served = _served(model, train_data, train_epochs, model_cache)
+    click.echo(f"filling {sensors} windows of {served.window}...", err=True)
+    r = asyncio.run(restore(sensors, served, sample))
+    click.echo(served.describe())
+    click.echo(
+        f"filled: {r.fill.readings} readings ({served.window} per sensor) in {r.fill.records} "
+        f"records, committed by the first worker {r.fill_seconds:.1f}s after its start; "
+        "it stopped gracefully"
+    )
+    models = ", ".join(f"{m} {n}" for m, n in r.served.most_common()) or "none"
+    click.echo(
+        f"restore: a new worker recovered the state of {r.predicted} of {r.sensors} sensors "
+        f"and forecast their next reading in {r.seconds:.2f}s (budget: under 5 s for 10,000)"
+    )
+    click.echo(f"served after the restart: {models}; fallbacks {r.served['baseline']}")
+    click.echo(
+        f"check: {r.matched} of {r.sample} sampled sensors forecast as by a worker that was "
+        f"not restarted (largest relative difference {r.max_diff:.1e})"
+    )
+    click.echo(machine())
+    click.echo(
+        f"command: forecast bench restore --sensors {sensors} --sample {sample}"
+        + _serving_args(model, train_data, train_epochs, model_cache)
     )
 
 
@@ -454,35 +644,67 @@ def bench_latency(rate: float, sensors: int, seconds: float) -> None:
     help="How long to run after every window is full (the design asks for 30).",
 )
 @click.option("--tft-cadence", type=click.IntRange(1, 10_000), default=24, show_default=True)
-def bench_memory(sensors: int, minutes: float, tft_cadence: int) -> None:
-    """Resident memory holding state for many sensors, LSTM and TFT loaded."""
-    from bench.memory import run
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.1, 600),
+    default=2.0,
+    show_default=True,
+    help="Seconds between samples of the worker's resident memory.",
+)
+@_serving_options
+def bench_memory(
+    sensors: int,
+    minutes: float,
+    tft_cadence: int,
+    interval: float,
+    model: str,
+    train_data: Path | None,
+    train_epochs: int,
+    model_cache: Path | None,
+) -> None:
+    """Resident memory of a worker holding state for many sensors, LSTM and TFT loaded."""
+    import asyncio
 
-    settings = settings_from_env()
-    with click.progressbar(length=337, label="filling windows", file=sys.stderr) as bar:
+    import numpy as np
 
-        def progress(rounds: int, mib: float) -> None:
-            bar.label = f"round {rounds}, {mib:.0f} MiB"
-            if rounds <= 337:
-                bar.update(1)
+    from bench.memory import memory
 
-        r = run(settings, sensors, minutes, tft_cadence, progress)
-    readings = r.rounds * sensors
+    settings_from_env()
+    served = _served(model, train_data, train_epochs, model_cache, tft_cadence=tft_cadence)
+    shown = {"at": -1.0}
+
+    def progress(phase: str, minute: float, mib: float) -> None:
+        if minute - shown["at"] >= 0.5:
+            shown["at"] = minute
+            click.echo(f"{minute:6.1f} min  {phase:<8}{mib:8.0f} MiB", err=True)
+
+    r = asyncio.run(memory(sensors, minutes, served, interval, progress))
+    click.echo(served.describe())
     click.echo(
-        f"{sensors} sensors x {r.rounds} readings ({readings / r.seconds:,.0f} readings/s), "
-        f"lstm (lookback 336) in production, tft (encoder 96, cadence {tft_cadence}) as shadow"
+        f"{sensors} sensors: windows filled with {r.fill.readings:,} readings in "
+        f"{r.fill.records:,} records in {r.fill_seconds:.1f}s; then {r.readings:,} readings "
+        f"({r.rounds} rounds of one per sensor) over {r.seconds / 60:.1f} min "
+        f"({r.readings / max(r.seconds, 1e-9):,.0f} readings/s)"
     )
-    growth = r.final - r.filled
+    steady = r.steady
     click.echo(
-        f"resident: {r.filled:.0f} MiB when every window was full, {r.final:.0f} MiB "
-        f"{(r.samples[-1][0] - r.samples[r.fill_index][0]) / 60:.1f} min later "
-        f"({growth:+.0f} MiB), peak {r.peak:.0f} MiB (budget: under 1536 MiB, flat)"
+        f"worker resident memory once every window was full: min {steady[:, 1].min():.0f} MiB, "
+        f"max {steady[:, 1].max():.0f} MiB, slope {r.slope:+.2f} MiB/min over "
+        f"{steady[-1, 0]:.1f} min ({len(steady)} samples); peak {r.peak:.0f} MiB "
+        "(budget: under 1536 MiB, flat)"
     )
-    click.echo(f"state: {r.state_bytes / sensors / 1024:.1f} KiB per sensor as stored JSON")
+    marks = np.linspace(0, len(steady) - 1, min(len(steady), 11)).round().astype(int)
+    click.echo(
+        "over time (min: MiB): "
+        + "  ".join(f"{steady[i, 0]:.1f}: {steady[i, 1]:.0f}" for i in marks)
+    )
+    if len(r.pids) > 1:
+        click.echo(f"the worker restarted: pids {sorted(r.pids)}")
     click.echo(machine())
     click.echo(
         f"command: forecast bench memory --sensors {sensors} --minutes {minutes:g} "
-        f"--tft-cadence {tft_cadence}"
+        f"--tft-cadence {tft_cadence} --interval {interval:g}"
+        + _serving_args(model, train_data, train_epochs, model_cache)
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -157,3 +158,29 @@ WS_DROPPED = Counter(
 
 def render() -> bytes:
     return generate_latest(REGISTRY)
+
+
+def observe_many(histogram_child, values) -> None:
+    """``histogram_child.observe(v)`` for each of ``values``, at once (same exposition).
+
+    Bucket counts come from ``np.searchsorted`` on the upper bounds (NaN falls in none, as
+    with ``observe``); the sum is added left to right, as repeated ``observe`` would.
+    Exemplars are not supported.
+    """
+    histogram_child._raise_if_not_observable()
+    amounts = np.asarray(values, np.float64).ravel()
+    if not amounts.size:
+        return
+    bounds = np.asarray(histogram_child._upper_bounds, np.float64)
+    counts = np.bincount(np.searchsorted(bounds, amounts), minlength=len(bounds) + 1)
+    for bucket, count in zip(histogram_child._buckets, counts.tolist(), strict=False):
+        if count:
+            bucket.inc(float(count))
+    total = histogram_child._sum
+    lock = getattr(total, "_lock", None)
+    if lock is None or not hasattr(total, "_value"):  # e.g. multiprocess mode
+        for amount in amounts.tolist():
+            total.inc(amount)
+        return
+    with lock:  # one read-add-write, as atomic as the per-value inc
+        total._value = float(np.add.accumulate(np.concatenate(([total._value], amounts)))[-1])

@@ -16,14 +16,25 @@ class Invalid(ValueError):
         self.detail = detail
 
 
+def finite_float(raw: int | float) -> float | None:
+    """A JSON number as a finite float, or None: NaN, an infinity, or an integer too
+    large for a float (``float(10**400)`` raises rather than giving infinity)."""
+    try:
+        value = float(raw)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
 def parse_time(raw: object) -> float:
     """RFC 3339 text or epoch seconds to epoch seconds (UTC)."""
     if isinstance(raw, bool) or not isinstance(raw, int | float | str):
         raise Invalid("bad_time", f"ts must be RFC 3339 or epoch seconds, not {kind(raw)}")
     if isinstance(raw, int | float):
-        if not math.isfinite(raw):
+        seconds = finite_float(raw)
+        if seconds is None:
             raise Invalid("bad_time", "ts is not finite")
-        return float(raw)
+        return seconds
     text = raw.strip()
     if not text or len(text) > 40:
         raise Invalid("bad_time", f"unparsable ts {raw[:40]!r}")

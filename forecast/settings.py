@@ -80,7 +80,9 @@ class Settings(BaseSettings):
         "forecast-worker", pattern=r"^[A-Za-z0-9._-]{1,100}$", description="Faust app and group"
     )
     batch_max: int = Field(2000, ge=1)
-    batch_window: float = Field(0.05, gt=0, le=60)
+    snapshot_interval: float = Field(
+        2.0, ge=0, le=60, description="seconds between state checkpoints; 0: every batch"
+    )
     max_record_bytes: int = Field(1_000_000, ge=64)
     max_batch_readings: int = Field(10_000, ge=1)
     max_future: float = Field(86_400.0, ge=0, description="seconds a reading may lie ahead")

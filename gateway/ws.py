@@ -5,22 +5,34 @@ Client messages: ``subscribe`` (glob patterns, optional ``since_seq``), ``unsubs
 ``error`` (``code``, ``message``), ``pong``. A malformed message gets an ``error`` and
 the connection stays open; so does one that fails in handling (code ``bad_message``),
 never a close with 1011. Only a short string or a 64-bit integer ``id`` is echoed.
+
+Sending: permessage-deflate is not offered (compressing every frame for every subscriber
+was the largest cost of a fan-out; clients simply get uncompressed frames). A payload is
+framed once for all subscribers (``_frame``), and what a connection is given during one
+event-loop turn goes out in one socket write (``Outbox``), one websocket frame per
+message as before. Whatever the connection cannot take now (its write buffer is past the
+high-water mark) waits in the subscriber's bounded queue and goes through websockets'
+own ``send``, which waits for the buffer to drain.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
+import struct
 from collections.abc import Callable
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
+from prometheus_client import Counter
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from forecast import metrics
 from forecast.errors import AuthError, ForecastError
@@ -39,6 +51,7 @@ CLOSE_POLICY = 1008
 EVICT_TIMEOUT = 5.0
 MAX_ID = 128
 SEND_BUFFER = 256 * 1024
+OUTBOX_BYTES = 64 * 1024  # at most this much framed per connection and turn
 
 History = Callable[[dict[str, tuple[int, int | None]]], list[tuple[str, int, bytes]]]
 
@@ -70,6 +83,7 @@ class StreamServer:
         self.queue_size = queue_size
         self.server: Server | None = None
         self._principals: dict[int, Principal] = {}
+        self._flusher = Flusher()  # renewed at each start: it belongs to one event loop
 
     @property
     def port(self) -> int:
@@ -78,6 +92,7 @@ class StreamServer:
         return self.server.sockets[0].getsockname()[1]
 
     async def start(self) -> None:
+        self._flusher = Flusher()
         self.server = await serve(
             self._handle,
             self.host,
@@ -85,6 +100,7 @@ class StreamServer:
             process_request=self._check_request,
             max_size=MAX_FRAME,
             open_timeout=10,
+            compression=None,
             ping_interval=20,
             ping_timeout=20,
         )
@@ -130,13 +146,15 @@ class StreamServer:
     async def _handle(self, connection: ServerConnection) -> None:
         principal = self._principals.pop(id(connection))
         subscriber = Subscriber(principal, self.queue_size)
+        outbox = Outbox(connection, self._flusher)
+        subscriber.sink = outbox.take
         metrics.WS_CONNECTIONS.inc()
-        sender = asyncio.create_task(self._send_loop(connection, subscriber))
+        sender = asyncio.create_task(self._send_loop(connection, subscriber, outbox))
         messages = RateLimiter(self.message_rate)
         try:
             async for frame in connection:
                 if messages.hit("connection") is not None:
-                    await self._close_abusive(connection, subscriber)
+                    await self._close_abusive(connection, subscriber, outbox)
                     break
                 reply = await self._reply(subscriber, frame)
                 if reply is not None and not subscriber.push(reply):
@@ -145,12 +163,15 @@ class StreamServer:
             pass
         finally:
             self.hub.remove(subscriber)
+            subscriber.sink = None
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
             metrics.WS_CONNECTIONS.dec()
 
-    async def _close_abusive(self, connection: ServerConnection, subscriber: Subscriber) -> None:
+    async def _close_abusive(
+        self, connection: ServerConnection, subscriber: Subscriber, outbox: Outbox
+    ) -> None:
         """Past the message rate: an error after what is queued, then close 1008."""
         self.hub.remove(subscriber)
         limited = _error("rate_limited", f"more than {self.message_rate} messages")
@@ -158,10 +179,13 @@ class StreamServer:
         with contextlib.suppress(ConnectionClosed, TimeoutError):
             async with asyncio.timeout(EVICT_TIMEOUT):
                 await subscriber.queue.join()  # the sender delivers what is queued
+                outbox.flush()
                 await connection.close(CLOSE_POLICY, "rate limited")
 
-    async def _send_loop(self, connection: ServerConnection, subscriber: Subscriber) -> None:
-        sending = asyncio.create_task(self._drain(connection, subscriber))
+    async def _send_loop(
+        self, connection: ServerConnection, subscriber: Subscriber, outbox: Outbox
+    ) -> None:
+        sending = asyncio.create_task(self._drain(connection, subscriber, outbox))
         overflow = asyncio.create_task(subscriber.overflowed.wait())
         try:
             await asyncio.wait({sending, overflow}, return_when=asyncio.FIRST_COMPLETED)
@@ -169,20 +193,28 @@ class StreamServer:
             sending.cancel()
             overflow.cancel()
         if subscriber.overflowed.is_set():
-            await self._evict(connection)
+            await self._evict(connection, outbox)
 
-    async def _drain(self, connection: ServerConnection, subscriber: Subscriber) -> None:
+    async def _drain(
+        self, connection: ServerConnection, subscriber: Subscriber, outbox: Outbox
+    ) -> None:
+        """Send what waits in the queue, in order, once the connection can take it."""
         with contextlib.suppress(ConnectionClosed):
             while True:
                 payload = await subscriber.queue.get()
-                await connection.send(payload, text=True)
+                subscriber.sending = True  # nothing may overtake this payload
+                if not outbox.take(payload):
+                    outbox.flush()
+                    await connection.send(payload, text=True)  # waits for the buffer
+                    _frame(payload)[1].inc()
+                subscriber.sending = False
                 subscriber.queue.task_done()
-                metrics.WS_MESSAGES.labels(_kind(payload)).inc()
 
-    async def _evict(self, connection: ServerConnection) -> None:
+    async def _evict(self, connection: ServerConnection, outbox: Outbox) -> None:
         """Tell a subscriber its queue overflowed and close with 1013; a client that does
         not even read that is cut off after EVICT_TIMEOUT seconds."""
         overflowed = _error("slow_consumer", "queue overflowed; reconnect with since_seq")
+        outbox.flush()
         try:
             async with asyncio.timeout(EVICT_TIMEOUT):
                 await connection.send(orjson.dumps(overflowed), text=True)
@@ -283,3 +315,90 @@ def _kind(payload: bytes) -> str:
         if kind.encode() in head:
             return kind
     return "other"
+
+
+@functools.lru_cache(maxsize=1024)
+def _frame(payload: bytes) -> tuple[bytes, Counter]:
+    """A server text frame of ``payload`` (RFC 6455, unmasked, no extension) and the
+    counter it counts in: built once per distinct payload, shared by all subscribers."""
+    size = len(payload)
+    if size < 126:
+        header = struct.pack("!BB", 0x81, size)
+    elif size < 1 << 16:
+        header = struct.pack("!BBH", 0x81, 126, size)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, size)
+    return header + payload, metrics.WS_MESSAGES.labels(_kind(payload))
+
+
+class Flusher:
+    """Once per event-loop turn, writes what each outbox was given during that turn (and
+    counts the frames, one counter update per kind and turn)."""
+
+    def __init__(self) -> None:
+        self._dirty: list[Outbox] = []
+        self._counts: dict[Counter, int] = {}
+
+    def mark(self, outbox: Outbox) -> None:
+        if not self._dirty:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._dirty.append(outbox)
+
+    def count(self, counter: Counter) -> None:
+        self._counts[counter] = self._counts.get(counter, 0) + 1
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        counts, self._counts = self._counts, {}
+        for outbox in dirty:
+            try:
+                outbox.flush()
+            except Exception:  # never silently lose frames: that connection resumes instead
+                log.exception("a websocket write failed; closing that connection")
+                outbox.transport.abort()
+        for counter, n in counts.items():
+            counter.inc(n)
+
+
+class Outbox:
+    """A connection's direct path: takes frames while its write buffer is below the
+    high-water mark and no other send is in progress; one socket write per turn."""
+
+    def __init__(self, connection: ServerConnection, flusher: Flusher) -> None:
+        self.connection = connection
+        self.protocol = connection.protocol
+        self.transport = connection.transport
+        self.flusher = flusher
+        self.pending: list[bytes] = []
+        self.size = 0
+        self.plain = not connection.protocol.extensions  # frames need no per-connection step
+
+    def take(self, payload: bytes) -> bool:
+        """Accept ``payload`` for this turn's write; False if it must wait in the queue."""
+        connection = self.connection
+        if (
+            self.size >= OUTBOX_BYTES
+            or connection.paused
+            or connection.send_in_progress is not None
+            or not self.plain
+            or not self._open()
+        ):
+            return False
+        frame, sent = _frame(payload)
+        if not self.pending:
+            self.flusher.mark(self)
+        self.pending.append(frame)
+        self.size += len(frame)
+        self.flusher.count(sent)
+        return True
+
+    def flush(self) -> None:
+        """Write the pending frames (dropped if the connection is no longer open)."""
+        if not self.pending:
+            return
+        frames, self.pending, self.size = self.pending, [], 0
+        if self._open():
+            self.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+
+    def _open(self) -> bool:
+        return self.protocol.state is State.OPEN and not self.transport.is_closing()

@@ -15,6 +15,7 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
+from forecast.columns import PredictionBlock, ReadingBlock, epoch_ms
 from forecast.schemas import DriftEvent, Prediction, Reading
 
 MS = pa.timestamp("ms", tz="UTC")
@@ -60,10 +61,8 @@ TABLES = tuple(SCHEMAS)
 
 
 def _ms(seconds: Sequence[float]) -> pa.Array:
-    """Milliseconds as the messages write them: to the microsecond (as ``datetime`` rounds),
-    then cut to the millisecond (as ``isoformat(timespec="milliseconds")`` does)."""
-    micros = np.rint(np.asarray(seconds, dtype=np.float64) * 1e6).astype(np.int64)
-    return pa.array(micros // 1000, MS)
+    """Milliseconds as the messages write them (:func:`forecast.columns.epoch_ms`)."""
+    return pa.array(epoch_ms(seconds), MS)
 
 
 def readings_table(readings: Sequence[Reading], now: float | None = None) -> pa.Table:
@@ -97,6 +96,72 @@ def predictions_table(predictions: Sequence[Prediction]) -> pa.Table:
         ],
         schema=SCHEMAS["predictions"],
     )
+
+
+def readings_block_table(block: ReadingBlock, now: float | None = None) -> pa.Table:
+    """:func:`readings_table` from columns."""
+    now = time.time() if now is None else now
+    n = len(block)
+    covariates = block.covariates or [{}] * n
+    return pa.Table.from_arrays(
+        [
+            pa.array(block.sensor_id, pa.string()),
+            _ms(block.ts),
+            pa.array(block.value, pa.float64()),
+            pa.array([list(c.items()) for c in covariates], SCHEMAS["readings"][3].type),
+            _ms(np.full(n, now)),
+        ],
+        schema=SCHEMAS["readings"],
+    )
+
+
+def _lists(rows: np.ndarray) -> pa.Array:
+    """A (n, k) float array as n lists of k floats, without a Python object per value."""
+    n, k = rows.shape
+    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(rows.reshape(-1), pa.float64()))
+
+
+def predictions_block_table(blocks: Sequence[PredictionBlock]) -> pa.Table:
+    """:func:`predictions_table` from columns (one or more blocks, any stages)."""
+    tables = [
+        pa.Table.from_arrays(
+            [
+                pa.array(b.sensor_id, pa.string()),
+                _ms(b.ts),
+                _ms(np.full(len(b), b.issued_at)),
+                pa.array(b.model, pa.string()),
+                pa.array(b.model_version, pa.uint32()),
+                pa.array([b.stage] * len(b), pa.string()),
+                pa.array(b.step_seconds, pa.float64()),
+                _lists(np.ascontiguousarray(b.yhat, dtype=np.float64)),
+                _lists(np.ascontiguousarray(b.lower, dtype=np.float64)),
+                _lists(np.ascontiguousarray(b.upper, dtype=np.float64)),
+                pa.array(b.seq, pa.uint64()),
+            ],
+            schema=SCHEMAS["predictions"],
+        )
+        for b in blocks
+        if len(b)
+    ]
+    return pa.concat_tables(tables)
+
+
+def block_tables(
+    readings: ReadingBlock | None,
+    predictions: Sequence[PredictionBlock],
+    drift: Sequence[DriftEvent] = (),
+    now: float | None = None,
+) -> dict[str, pa.Table]:
+    """:func:`batch_tables` from columns."""
+    tables = {
+        "readings": readings_block_table(readings, now) if readings else None,
+        "predictions": (
+            predictions_block_table(predictions) if any(len(b) for b in predictions) else None
+        ),
+        "drift_events": drift_table(drift) if drift else None,
+    }
+    return {name: table for name, table in tables.items() if table is not None}
 
 
 def drift_table(events: Sequence[DriftEvent]) -> pa.Table:

@@ -1,7 +1,6 @@
-"""The worker's processing of one micro-batch of raw records (no I/O).
-
-The agent hands a batch of records to :meth:`BatchProcessor.process`, then stores what
-comes back (readings, predictions, rejections) and only then acknowledges the records.
+"""The reference processing of one micro-batch of raw records (no I/O): one object per
+reading, in plain Python. The worker runs :class:`streams.engine.Engine`, which gives the
+same results over columns (``tests/test_engine.py`` runs both on the same records).
 Every forecaster runs once per batch over all its sensors (one forward pass per step
 round), and the production model falls back to the baseline per sensor while it warms
 up, or if it fails or returns non-finite values. A model with a cadence publishes only

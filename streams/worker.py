@@ -6,14 +6,20 @@ Order of a batch (why offsets never run ahead of what is durable):
 1. validate and forecast (pure, :mod:`streams.pipeline`);
 2. publish predictions, rejections and drift events (`predictions`, `readings.dlq`,
    `drift-events`), and the batch's rows for the sink (`store.<table>`, Arrow tables, see
-   :mod:`sinks.batches`), and wait for the broker's acknowledgements; the worker never
-   waits for ClickHouse (the sink, :mod:`sinks.consumer`, is a consumer group of its own);
-3. log a snapshot of each touched sensor's state to the Faust table's changelog (which
-   makes it recoverable after a crash; the live state stays in the worker's cache);
-4. acknowledge the records, so Faust commits their offsets.
-A crash anywhere before 4 re-delivers the batch; the deterministic keys of the store's
-tables, the views that de-duplicate, and the per-sensor ``seq`` that subscribers
-de-duplicate on, absorb it.
+   :mod:`sinks.batches`): batches are sent strictly in order, and the next batch is
+   processed while the broker acknowledges (:class:`SendChain`); the worker never waits
+   for ClickHouse (the sink, :mod:`sinks.consumer`, is a consumer group of its own);
+3. at a checkpoint (every ``FORECAST_SNAPSHOT_INTERVAL`` seconds, when partitions are
+   revoked, and at the stop), once the broker acknowledged every batch sent: log a
+   snapshot of each sensor advanced since the last one to the Faust table's changelog
+   (which makes it recoverable after a crash; the live state stays in the engine's
+   columns), then
+4. acknowledge the records the checkpoint covers, so Faust commits their offsets.
+A crash anywhere before 4 re-delivers what the last checkpoint did not cover; the state
+it restores is the one those records found, so they give the same predictions again: the
+deterministic keys of the store's tables, the views that de-duplicate, and the per-sensor
+``seq`` that subscribers de-duplicate on, absorb them. A sensor advanced by many batches
+between two checkpoints is written once.
 
 Broker failures that may pass are retried with backoff. Anything else is a
 fault: the worker sets :attr:`Worker.failed` and stops taking records, and the process
@@ -37,39 +43,42 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter, defaultdict
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 
 import faust
+import numpy as np
 import orjson
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 from faust.exceptions import ConsistencyError, ConsumerNotStarted, ProducerSendError
-from faust.types import EventT
+from faust.types import Message
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind
 from prometheus_client import Counter as PromCounter
 from yarl import URL
 
 from forecast import metrics, tracing
-from forecast.kafka import Transport, committed_offset
+from forecast.kafka import DirectTransport, committed_offset, send_many
 from forecast.schemas import DriftEvent
 from forecast.settings import Settings
 from forecast.tracing import TRACER
-from sinks.batches import STORE_RECORD_BYTES, batch_tables, encode_chunks
-from streams.drift import DriftMonitor
+from sinks.batches import STORE_RECORD_BYTES, block_tables, encode_chunks
+from streams import snapshots
+from streams.engine import BatchOutput, Engine
+from streams.intake import BatchIntake
 from streams.liveness import Liveness, WorkerStalled, describe_loss
 from streams.ordering import OffsetOrder
-from streams.pipeline import BatchProcessor, BatchResult, ModelSet, RawRecord
-from streams.residuals import ResidualTracker
-from streams.state import SensorState
+from streams.pipeline import ModelSet, RawRecord
 from streams.validate import Limits, Rejection
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 5.0
 STOP_TIMEOUT = 5.0  # for Faust's own stop; the process has 10 s from SIGTERM to exit
+CHECKPOINT_TIMEOUT = 1.0  # for the last checkpoint at the stop
 PROBE_TIMEOUT = 2.0  # for the end offsets of the assigned partitions
 DLQ_MAX_VALUE = 64 * 1024
+ONLINE_EVERY = 1.0  # seconds between exports of the per-sensor online error gauges
 
 
 class SensorStateTable(faust.Table):
@@ -86,8 +95,12 @@ class SensorStateTable(faust.Table):
         self.send_changelog(partition, key, value)
 
     def keep_snapshot(self, key: str, value: bytes) -> None:
-        """Hold a snapshot locally (it is in the changelog already)."""
-        self.data[key] = value
+        """Hold a live state's snapshot locally (it is in the changelog already), unless
+        the table holds a newer one: standby replication of another worker's changelog
+        may have brought it while this worker still held the partition's old state."""
+        held = self.data.get(key)
+        if held is None or snapshots.clock(value) > snapshots.clock(held):
+            self.data[key] = value
 
     def take_snapshot(self, key: str) -> bytes | None:
         """Remove and return the local snapshot of ``key``, if any."""
@@ -106,7 +119,7 @@ class Worker:
         self.settings = settings
         self.failed = asyncio.Event()
         self.failure: BaseException | None = None
-        self.cache: dict[str, SensorState] = {}
+        self.batch_lock = asyncio.Lock()  # a rebalance waits for the batch in hand
         self.app = faust.App(
             settings.topic(settings.worker_app),
             broker=f"kafka://{bootstrap}",
@@ -122,7 +135,7 @@ class Worker:
             stream_wait_empty=False,  # unacknowledged records are re-delivered anyway
             loop=asyncio.get_running_loop(),
         )
-        self.app.transport = Transport(
+        self.app.transport = DirectTransport(
             [URL(f"kafka://{server}") for server in bootstrap.split(",")],
             self.app,
             loop=asyncio.get_running_loop(),
@@ -138,7 +151,7 @@ class Worker:
                 help="Per-sensor state of the forecasters.",
             )
         )
-        self.processor = BatchProcessor(
+        self.processor = Engine(
             models,
             Limits(
                 settings.max_record_bytes,
@@ -148,32 +161,40 @@ class Worker:
             ),
             settings.allowed_lateness,
             self._load_state,
-            tracker=ResidualTracker(settings.horizons),
-            drift=DriftMonitor(settings.drift_config()),
+            horizons=settings.horizons,
+            drift=settings.drift_config(),
         )
         self.on_drift: Callable[[list[DriftEvent]], None] | None = None  # the retrain loop
-        self.readings_topic = self.app.topic(
-            settings.topic("readings"),
-            key_type=bytes,
-            value_type=bytes,
-            key_serializer="raw",
-            value_serializer="raw",
+        self.readings = settings.topic("readings")
+        self.intake = BatchIntake(
+            self.app,
+            self.readings,
+            self._take,
+            max_records=settings.batch_max,
+            on_error=self._batch_failed,
             partitions=settings.kafka_partitions,
         )
-        self.readings = settings.topic("readings")
-        self.order = OffsetOrder(self._committed)
-        self.app.agent(self.readings_topic, name="ingest")(self._ingest)
+        self.order = OffsetOrder(self._start)
         self.app.timer(1.0, name="reread-holes")(self._reread_holes)
+        every = max(0.05, settings.snapshot_interval / 2)
+        self.app.timer(every, name="checkpoint")(self._checkpoint_if_due)
+        self.sends = SendChain(self._send)
+        self.dirty: dict[str, int] = {}  # sensor -> partition: advanced since its snapshot
+        self.held: list[Message] = []  # handled; acknowledged by the next checkpoint
+        self.checkpoint_at = time.monotonic()
         self.app.on_partitions_revoked.connect(self._on_revoked)
         self.liveness = Liveness(settings.stall_timeout, settings.stall_exit)
         self.busy_since: float | None = None  # a batch between hand-over and ack
         self._watching: asyncio.Task | None = None
         self._warned_at = 0.0
         self.stopped = False  # Faust stopped within STOP_TIMEOUT
+        self._scored: set[str] = set()  # sensors with residuals since the last export
+        self._online_at = 0.0
 
     async def start(self) -> None:
         self.app.conf.datadir.mkdir(parents=True, exist_ok=True)  # Faust makes one level only
         await self.app.start()
+        await self.intake.start()
         self.liveness.progress_at = self.liveness.clock()  # the first rebalance starts now
         self._watching = asyncio.create_task(self._watch(), name="worker-liveness")
 
@@ -185,6 +206,13 @@ class Worker:
             self._watching.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watching
+        # A batch stuck on the broker holds the checkpoint: then what the last checkpoint
+        # did not cover is read again by whoever takes the partitions.
+        if not self.failed.is_set():  # after a fault, nothing is snapshot or acknowledged
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._checkpoint(), CHECKPOINT_TIMEOUT)
+        await self.intake.stop()
+        await self.sends.cancel()
         stopping = asyncio.ensure_future(self.app.stop())
         done, _ = await asyncio.wait([stopping], timeout=STOP_TIMEOUT)
         if done:
@@ -204,38 +232,86 @@ class Worker:
             self.failed.set()
 
     async def _on_revoked(self, app: faust.App, revoked: set, **kwargs: object) -> None:
-        """Hand the live states back to the table: whichever partitions return to this
-        worker are then brought up to date by Faust's recovery from the changelog."""
-        for sensor_id, state in self.cache.items():
-            self.table.keep_snapshot(sensor_id, state.to_bytes())
-        self.cache.clear()
-        self.order.forget(revoked)
+        """Hand the live states back to the table (after the batch in hand): whichever
+        partitions return to this worker are then brought up to date by Faust's recovery
+        from the changelog."""
+        async with self.batch_lock:
+            await self.sends.drain()
+            await self._write_checkpoint()
+            for sensor_id, snapshot in self.processor.release().items():
+                self.table.keep_snapshot(sensor_id, snapshot)
+            self.order.forget(revoked)
 
-    async def _ingest(self, stream: faust.StreamT) -> None:
-        async for events in stream.noack_take(
-            self.settings.batch_max, within=self.settings.batch_window
-        ):
-            started = time.perf_counter()
-            admission = self.order.sort(events, lambda e: (e.message.tp, e.message.offset))
-            if admission.admitted or admission.repeated:
-                self.liveness.took_in(
-                    {e.message.tp: e.message.offset + 1 for e in admission.admitted}
-                )
-            await self._reread(admission.rewind)
-            if admission.admitted:
-                self.busy_since = time.monotonic()
-                try:
-                    await self.handle(admission.admitted)
-                except Exception as exc:  # a fault: stop, rather than skip or ack the batch
-                    log.exception("worker stopped by a fault; the batch will be re-delivered")
-                    self.fail(exc)
-                    return
-                finally:
-                    self.busy_since = None
-            for event in (*admission.admitted, *admission.repeated):
-                await stream.ack(event)
-            metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
-            metrics.BATCH_RECORDS.observe(len(admission.admitted))
+    async def _take(self, messages: list[Message]) -> list[Message]:
+        """One batch from the intake: admit in offset order, handle, and return what may
+        be acknowledged (what was handled and what had been already; not what waits
+        behind a hole)."""
+        started = time.perf_counter()
+        admission = self.order.sort(messages, lambda m: (m.tp, m.offset))
+        if admission.admitted or admission.repeated:
+            self.liveness.took_in({m.tp: m.offset + 1 for m in admission.admitted})
+        await self._reread(admission.rewind)
+        if admission.admitted:
+            self.busy_since = time.monotonic()
+            try:
+                await self.handle(admission.admitted)
+            finally:
+                self.busy_since = None
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        metrics.BATCH_RECORDS.observe(len(admission.admitted))
+        self.held += admission.admitted
+        self.held += admission.repeated
+        await self._checkpoint_if_due()
+        return []  # acknowledged by the checkpoint that covers them
+
+    async def _checkpoint_if_due(self) -> None:
+        if self.failed.is_set():
+            return
+        if self.held and time.monotonic() - self.checkpoint_at >= self.settings.snapshot_interval:
+            await self._checkpoint()
+
+    async def _checkpoint(self) -> None:
+        try:
+            async with self.batch_lock:
+                await self.sends.drain()
+                await self._write_checkpoint()
+        except Exception as exc:  # a send that failed for good: a fault
+            self._batch_failed(exc)
+            raise
+
+    async def _write_checkpoint(self) -> None:
+        """Snapshot every sensor advanced since the last checkpoint, then acknowledge the
+        records that advanced them (Faust flushes the snapshots before it commits).
+
+        The last snapshot of each changelog partition goes out alone, as a record batch of
+        its own: Faust's table recovery reads a changelog up to the end offset the broker
+        reports, and tansu reports the first offset of the partition's last record batch
+        + 1. Sent in one batch, the snapshots after its first were never read back, and a
+        worker that took the partition over started those sensors from older states (a
+        test saw a ``seq`` issued twice)."""
+        ids = list(self.dirty)
+        last = {partition: sensor_id for sensor_id, partition in self.dirty.items()}
+        with self.processor.stage("checkpoint"):
+            snapshots = dict(zip(ids, self.processor.snapshots(ids), strict=True))
+            for sensor_id, snapshot in snapshots.items():
+                partition = self.dirty[sensor_id]
+                if last[partition] != sensor_id:
+                    self.table.log_snapshot(partition, sensor_id, snapshot)
+        if last:
+            await self.app.producer.flush()
+            for partition, sensor_id in last.items():
+                self.table.log_snapshot(partition, sensor_id, snapshots[sensor_id])
+            await self.app.producer.flush()
+        self.dirty.clear()
+        if self.held:
+            self.intake.ack(self.held)
+            self.held.clear()
+        self.checkpoint_at = time.monotonic()
+
+    def _batch_failed(self, exc: BaseException) -> None:
+        """A fault: stop, rather than skip or acknowledge the batch."""
+        log.error("worker stopped by a fault; the batch will be re-delivered", exc_info=exc)
+        self.fail(exc)
 
     async def _watch(self) -> None:
         """Probe progress every second (less when the stall timeout is short)."""
@@ -322,6 +398,15 @@ class Worker:
         log.error("worker stopped: %s", reason)
         self.fail(WorkerStalled(reason))
 
+    def _start(self, tp: object) -> int:
+        """Where a partition's records start for this worker: its committed offset, or,
+        where the group never committed one, offset 0. Records fetched before a
+        rebalance are dropped (a new generation), and Faust seeks only partitions with a
+        committed offset back: the first record seen then is not the first there is.
+        (Where retention removed the log's start, that hole is passed after re-reads.)"""
+        committed = self._committed(tp)
+        return 0 if committed is None else committed
+
     def _committed(self, tp: object) -> int | None:
         """Faust's committed offset of a partition (the next to read), if it knows one."""
         return committed_offset(self.app.consumer, tp)
@@ -346,43 +431,56 @@ class Worker:
                 log.warning("could not read %s again: %s", tp, exc)
                 self.order.forget([tp])
 
-    async def handle(self, events: Sequence[EventT]) -> BatchResult:
-        """Process, store and publish one batch; returns once all of it is durable."""
-        messages = [event.message for event in events]
+    async def handle(self, messages: Sequence[Message]) -> BatchOutput:
+        """Process one batch and hand its messages to the broker, in order after the
+        batches before it; returns while they are on their way (a checkpoint waits for
+        them: records are acknowledged once all they produced is durable)."""
         records = [RawRecord(m.topic, m.partition, m.offset, m.key, m.value) for m in messages]
-        with TRACER.start_as_current_span(
-            "batch", kind=SpanKind.CONSUMER, links=_links(messages)
-        ) as span:
-            span.set_attribute("messaging.batch.message_count", len(records))
-            result = self.processor.process(records)
-            with TRACER.start_as_current_span("publish", kind=SpanKind.PRODUCER):
-                await self._publish(result, tracing.inject(), messages[0].partition)
-        published = time.time()
-        for message in messages:
-            metrics.EVENT_TO_PREDICTION.observe(max(0.0, published - message.timestamp))
-        self._export_lag(messages)
-        for sensor_id, (partition, state) in result.touched.items():
-            self.cache[sensor_id] = state
-            self.table.log_snapshot(partition, sensor_id, state.to_bytes())
-        self._count(result)
+        async with self.batch_lock:
+            with TRACER.start_as_current_span(
+                "batch", kind=SpanKind.CONSUMER, links=_links(messages)
+            ) as span:
+                span.set_attribute("messaging.batch.message_count", len(records))
+                result = self.processor.process(records)
+                publish = TRACER.start_span("publish", kind=SpanKind.PRODUCER)
+                with trace.use_span(publish), self.processor.stage("serialize"):
+                    routed = self._messages(result, tracing.inject() or None, records[0].partition)
+            self.dirty.update(result.touched)
+            if routed:
+                with self.processor.stage("send"):
+                    await self.sends.submit(routed, lambda: self._sent(messages, publish))
+            else:
+                publish.end()
+        with self.processor.stage("metrics"):
+            self._count(result)
         if result.drift and self.on_drift is not None:
             self.on_drift(result.drift)
         return result
 
-    async def _publish(
-        self, result: BatchResult, headers: list[tuple[str, bytes]], partition: int
-    ) -> None:
-        """Everything the batch produced, on its topics; returns once the broker has it."""
-        trace_headers = headers or None
-        messages: list[tuple] = [
-            (
-                self.settings.topic("predictions"),
-                p.sensor_id.encode(),
-                orjson.dumps(p.to_message()),
-                trace_headers,
-            )
-            for p in result.predictions
-        ]
+    async def _send(self, routed: list[tuple]) -> None:
+        await with_backoff(lambda: send_many(self.app.producer, routed), _retriable_send, "publish")
+
+    def _sent(self, messages: Sequence[Message], publish: trace.Span) -> None:
+        """A batch's messages are with the broker (its ``publish`` span ends)."""
+        publish.end()
+        published = time.time()
+        for message in messages:
+            metrics.EVENT_TO_PREDICTION.observe(max(0.0, published - message.timestamp))
+        self._export_lag(messages)
+
+    def _messages(
+        self, result: BatchOutput, trace_headers: list | None, partition: int
+    ) -> list[tuple]:
+        """The batch's messages, routed: (topic, key, value, headers, partition)."""
+        messages: list[tuple] = []
+        if result.predictions is not None:
+            topic = self.settings.topic("predictions")
+            messages += [
+                (topic, sensor_id.encode(), value, trace_headers)
+                for sensor_id, value in zip(
+                    result.predictions.sensor_id, result.predictions.messages(), strict=True
+                )
+            ]
         messages += [
             dead_letter(self.settings.topic("readings.dlq"), record, rejection)
             for record, rejection in result.rejected
@@ -397,23 +495,14 @@ class Worker:
             for event in result.drift
         ]
         routed = [(*message, None) for message in messages]  # the partition of the key
-        tables = batch_tables(result.readings, result.predictions + result.shadow, result.drift)
+        blocks = [b for b in (result.predictions, result.shadow) if b is not None]
+        tables = block_tables(result.readings, blocks, result.drift)
         routed += [
             (self.settings.topic(f"store.{name}"), None, chunk, None, partition)
             for name, table in tables.items()
             for chunk in encode_chunks(table, STORE_RECORD_BYTES)
         ]
-        if not routed:
-            return
-
-        async def send() -> None:
-            sent = [
-                await self.app.producer.send(topic, key, value, at, None, headers)
-                for topic, key, value, headers, at in routed
-            ]
-            await asyncio.gather(*sent)
-
-        await with_backoff(send, _retriable_send, "publish")
+        return routed
 
     def _export_lag(self, messages: Sequence) -> None:
         last = {m.tp: m.offset for m in messages}  # the batch is in order per partition
@@ -429,45 +518,87 @@ class Worker:
         except (AssertionError, KeyError):  # not assigned (a rebalance): next batch
             return None
 
-    def _count(self, result: BatchResult) -> None:
+    def _count(self, result: BatchOutput) -> None:
         for outcome, count in result.outcomes.items():
             if outcome == "forecast_failed":
                 metrics.FORECAST_FAILURES.inc(count)
-            else:
+            elif count:
                 metrics.READINGS.labels(outcome, "").inc(count)
-        for _, rejection in result.rejected:
-            metrics.READINGS.labels("rejected", rejection.reason).inc()
-        scored: dict[tuple, list] = defaultdict(list)
-        for r in result.residuals:  # grouped: one label lookup per model, stage and step
-            scored[(r.model, r.stage, str(r.horizon))].append(r)
-        for labels, residuals in scored.items():
-            histogram = metrics.RESIDUAL_ERRORS.labels(*labels)
-            for r in residuals:
-                histogram.observe(abs(r.error))
-            hits = sum(r.covered for r in residuals)
-            metrics.RESIDUAL_COVERED.labels(*labels, "true").inc(hits)
-            metrics.RESIDUAL_COVERED.labels(*labels, "false").inc(len(residuals) - hits)
+        for reason, count in Counter(r.reason for _, r in result.rejected).items():
+            metrics.READINGS.labels("rejected", reason).inc(count)
+        for batch in result.residuals:  # one label lookup per model, stage and step
+            scored = batch.scored
+            stages = np.asarray(scored.stage_names)[scored.stage]
+            errors, covered = np.abs(scored.error), scored.covered
+            for stage in np.unique(stages).tolist():
+                for horizon in np.unique(scored.horizon).tolist():
+                    rows = (stages == stage) & (scored.horizon == horizon)
+                    labels = (batch.model, stage, str(horizon))
+                    metrics.observe_many(metrics.RESIDUAL_ERRORS.labels(*labels), errors[rows])
+                    hits = int(covered[rows].sum())
+                    metrics.RESIDUAL_COVERED.labels(*labels, "true").inc(hits)
+                    metrics.RESIDUAL_COVERED.labels(*labels, "false").inc(int(rows.sum()) - hits)
         for event in result.drift:
             metrics.DRIFT_EVENTS.labels(event.detector, event.signal).inc()
         if result.residuals:
-            for sensor_id, (_, state) in result.touched.items():
-                for model, _, horizon, mae, coverage in self.processor.tracker.online(
-                    state.residuals
-                ):
-                    metrics.ONLINE_MAE.labels(sensor_id, model, horizon).set(mae)
-                    metrics.ONLINE_COVERAGE.labels(sensor_id, model, horizon).set(coverage)
+            self._scored.update(result.touched)
+            if time.monotonic() - self._online_at >= ONLINE_EVERY:
+                self._export_online()
         for reason, count in result.fallbacks.items():
             metrics.FALLBACKS.labels(reason).inc(count)
-        for model, count in Counter(p.model for p in result.predictions).items():
-            metrics.PREDICTIONS.labels(model).inc(count)
+        if result.predictions is not None:
+            for model, count in Counter(result.predictions.model).items():
+                metrics.PREDICTIONS.labels(model).inc(count)
 
-    def _load_state(self, sensor_id: str) -> SensorState | None:
-        state = self.cache.get(sensor_id)
-        if state is None:
-            doc = self.table.take_snapshot(sensor_id)
-            if doc is not None:
-                state = self.cache[sensor_id] = SensorState.from_bytes(doc)
-        return state
+    def _export_online(self) -> None:
+        """The online MAE and coverage of the sensors scored since the last export (a
+        gauge per sensor, model and step: at most once every ONLINE_EVERY seconds)."""
+        self._online_at = time.monotonic()
+        for sensor_id, model, horizon, mae, coverage in self.processor.online(self._scored):
+            metrics.ONLINE_MAE.labels(sensor_id, model, horizon).set(mae)
+            metrics.ONLINE_COVERAGE.labels(sensor_id, model, horizon).set(coverage)
+        self._scored.clear()
+
+    def _load_state(self, sensor_id: str) -> dict | None:
+        """A sensor's snapshot, restored from the changelog or handed back earlier."""
+        doc = self.table.take_snapshot(sensor_id)
+        return None if doc is None else snapshots.unpack(doc)
+
+
+class SendChain:
+    """Batches' messages sent strictly in order while the next batches are processed
+    (the broker's round trip overlaps the work): at most ``depth`` batches in flight;
+    a failure surfaces at the next :meth:`submit` or :meth:`drain`."""
+
+    def __init__(self, send: Callable[[list], Awaitable[None]], depth: int = 4) -> None:
+        self.send = send
+        self.depth = depth
+        self.pending: deque[asyncio.Task] = deque()
+
+    async def submit(self, routed: list, on_sent: Callable[[], None]) -> None:
+        while self.pending and self.pending[0].done():
+            self.pending.popleft().result()  # raises what an earlier batch raised
+        if len(self.pending) >= self.depth:
+            await self.pending.popleft()
+        previous = self.pending[-1] if self.pending else None
+        self.pending.append(asyncio.create_task(self._after(previous, routed, on_sent)))
+
+    async def _after(self, previous: asyncio.Task | None, routed: list, on_sent) -> None:
+        if previous is not None:
+            await previous  # in order: a batch goes once the one before it is sent
+        await self.send(routed)
+        on_sent()
+
+    async def drain(self) -> None:
+        """Wait until every batch submitted is with the broker."""
+        while self.pending:
+            await self.pending.popleft()
+
+    async def cancel(self) -> None:
+        for task in self.pending:
+            task.cancel()
+        await asyncio.gather(*self.pending, return_exceptions=True)
+        self.pending.clear()
 
 
 async def with_backoff(
@@ -508,8 +639,11 @@ def crashed_service(app: faust.App) -> str | None:
 
 
 def _retriable_send(exc: Exception) -> bool:
-    cause = exc.__cause__
-    return isinstance(exc, ProducerSendError) and isinstance(cause, KafkaError) and cause.retriable
+    """Broker trouble that may pass: a retriable Kafka error, a timeout waiting for the
+    broker (aiokafka marks it not retriable: its batch expired, and is sent again)."""
+    if isinstance(exc, ProducerSendError):
+        exc = exc.__cause__
+    return isinstance(exc, KafkaTimeoutError) or (isinstance(exc, KafkaError) and exc.retriable)
 
 
 def dead_letter(

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import faust
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.client import AIOKafkaClient
+from faust.tables.recovery import Recovery
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_kafka
 from faust.types import TP
@@ -64,6 +66,9 @@ def test_the_libraries_still_use_the_internals_the_adapter_sets() -> None:
     assert "self._committed_offset = " in inspect.getsource(faust_consumer.Consumer.__init__)
     # aiokafka reads the fetch wait when the consumer starts, not when it is built.
     assert "self._fetch_max_wait_ms" in inspect.getsource(AIOKafkaConsumer.start)
+    # Faust's table recovery reads each changelog up to the offsets API's end (which the
+    # worker's checkpoint marker makes right on tansu).
+    assert "consumer.highwaters(" in inspect.getsource(Recovery._build_highwaters)
 
 
 async def test_the_adapter_works_on_the_installed_classes(tmp_path: Path) -> None:
@@ -93,3 +98,30 @@ async def test_the_adapter_works_on_the_installed_classes(tmp_path: Path) -> Non
     assert not consumer._gap[tp]
     await consumer.pass_hole(tp, 5, 7)  # Faust's own: commits may pass 5..7
     assert [(i.begin, i.end) for i in consumer._gap[tp]] == [(5, 8)]
+
+
+@pytest.mark.integration
+async def test_a_batch_of_its_own_makes_the_offsets_api_end_right(broker: str) -> None:
+    """tansu answers an offset request with the base offset of the partition's last
+    record batch + 1; Faust's table recovery reads a changelog up to that end, so the
+    worker ends each checkpoint with a record batch of its own (Worker._write_checkpoint)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic("adapter.ends", 1, 1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=broker, acks=-1)
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker)
+    await producer.start()
+    await consumer.start()
+    tp = TopicPartition("adapter.ends", 0)
+    try:
+        sent = [await producer.send("adapter.ends", b"%d" % i, partition=0) for i in range(3)]
+        assert [(await s).offset for s in sent] == [0, 1, 2]  # one batch of three
+        assert (await consumer.end_offsets([tp]))[tp] < 3  # the broker's answer falls short
+        await (await producer.send("adapter.ends", b"", partition=0))  # a batch of its own
+        assert (await consumer.end_offsets([tp]))[tp] == 4
+    finally:
+        await producer.stop()
+        await consumer.stop()

@@ -17,6 +17,7 @@ from models.baseline import SeasonalNaive
 from sinks.batches import batch_tables, decode, encode, encode_chunks
 from streams.ordering import Admission, OffsetOrder
 from streams.pipeline import BatchProcessor, ModelSet, RawRecord
+from streams.snapshots import unpack
 from streams.state import SensorState
 from streams.validate import Limits
 
@@ -175,12 +176,25 @@ async def test_the_worker_keeps_live_states_only_and_hands_them_back_on_revocati
     worker = Worker(load_settings(), "127.0.0.1:9", lambda: models)  # not started
     # As restored from the changelog after a restart:
     worker.table.keep_snapshot("s", SensorState(1e9, 60.0, 7).to_bytes())
-    state = worker._load_state("s")
-    assert state.seq == 7 and worker.cache["s"] is state and "s" not in worker.table.data
-    state.seq = 8  # a batch advances the live state
+    result = worker.processor.process([record(0, "s", 1e9 + 60)])  # a batch advances it
+    assert result.predictions.seq.tolist() == [8] and "s" not in worker.table.data
     await worker._on_revoked(worker.app, set())
-    assert not worker.cache and SensorState.from_bytes(worker.table.data["s"]).seq == 8
-    assert worker._load_state("s").seq == 8
+    assert not worker.processor.slots.live_ids
+    assert unpack(worker.table.data["s"])["seq"] == 8
+    assert worker.processor.process([record(1, "s", 1e9 + 120)]).predictions.seq.tolist() == [9]
+
+
+async def test_the_newest_of_two_copies_of_a_state_is_kept_on_revocation() -> None:
+    """Standby replication brought another worker's newer state of a sensor while this
+    worker still held the partition's old one: handing back keeps the newer."""
+    from streams.worker import Worker
+
+    models = ModelSet(SeasonalNaive(horizon=3, season=2))
+    worker = Worker(load_settings(), "127.0.0.1:9", lambda: models)  # not started
+    worker.processor.process([record(0, "s", 1e9)])  # live, seq 0
+    worker.table.data["s"] = SensorState(1e9 + 120, 60.0, 9).to_bytes()  # from the changelog
+    await worker._on_revoked(worker.app, set())
+    assert unpack(worker.table.data["s"])["seq"] == 9
 
 
 # -- partition order ----------------------------------------------------------------------

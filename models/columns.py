@@ -1,0 +1,349 @@
+"""Forecasters over columns: every sensor's model state in preallocated arrays, indexed by
+an integer slot, advanced for many sensors at once (pure maths, no I/O).
+
+The per-sensor forecasters of :mod:`models.base` (JSON-able dict states, one reading at
+a time) stay the reference; each class here gives the same forecasts as its reference on
+the same readings (``tests/test_columns.py``), and its per-slot snapshot is the
+reference's state dict, so a snapshot restores into either.
+
+=======================  ===================================================
+:class:`NaiveColumns`    the seasonal-naive baseline: a ring of one season
+:class:`LSTMColumns`     the LSTM: a ring of ``lookback`` values, ``(h, c)``
+:class:`DictColumns`     any other forecaster: its dict states, per slot
+=======================  ===================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from models.base import NOT_DUE, StreamingForecaster, place
+from models.baseline import SeasonalNaive
+from models.lstm import LSTMForecaster
+
+
+@dataclass(slots=True)
+class Forecasts:
+    """Forecasts for the n slots of one call: (n, horizon) float64 arrays, NaN where a
+    slot has none; ``made`` where a forecast exists, ``due`` False where a model with a
+    cadence skips the reading (``NOT_DUE``)."""
+
+    yhat: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+    made: np.ndarray
+    due: np.ndarray
+
+    @classmethod
+    def empty(cls, n: int, horizon: int) -> Forecasts:
+        nan = np.full((n, horizon), np.nan)
+        return cls(nan, nan.copy(), nan.copy(), np.zeros(n, bool), np.ones(n, bool))
+
+    @property
+    def usable(self) -> np.ndarray:
+        """Made and finite (a NaN or infinity anywhere makes a forecast unusable)."""
+        finite = np.isfinite(self.yhat).all(1) & np.isfinite(self.lower).all(1)
+        return self.made & finite & np.isfinite(self.upper).all(1)
+
+
+class ModelColumns(Protocol):
+    """One forecaster's state for every slot."""
+
+    forecaster: StreamingForecaster
+
+    def grow(self, capacity: int) -> None:
+        """Room for ``capacity`` slots (contents kept)."""
+
+    def reset(self, slots: np.ndarray) -> None:
+        """Fresh states for ``slots``."""
+
+    def advance(self, slots: np.ndarray, values: np.ndarray, ts: np.ndarray) -> Forecasts:
+        """One reading for each of ``slots`` (unique within a call); the forecasts after."""
+
+    def correct(self, slot: int, value: float, newer: int, replace: bool) -> None:
+        """A late reading into one slot's windows (see ``StreamingForecaster.correct``)."""
+
+    def to_doc(self, slot: int) -> dict:
+        """The slot's state as its reference forecaster's dict."""
+
+    def to_docs(self, slots: np.ndarray) -> list[dict]:
+        """:meth:`to_doc` of many slots (gathered at once where the state is columnar)."""
+
+    def from_doc(self, slot: int, doc: dict) -> None:
+        """Restore a slot from a reference dict state."""
+
+
+def columns_for(forecaster: StreamingForecaster, capacity: int) -> ModelColumns:
+    """The columnar form of ``forecaster``: native for the baseline and the LSTM."""
+    if isinstance(forecaster, SeasonalNaive):
+        return NaiveColumns(forecaster, capacity)
+    if isinstance(forecaster, LSTMForecaster):
+        return LSTMColumns(forecaster, capacity)
+    return DictColumns(forecaster, capacity)
+
+
+def _grown(array: np.ndarray, capacity: int, fill: float = 0) -> np.ndarray:
+    out = np.full((capacity, *array.shape[1:]), fill, dtype=array.dtype)
+    out[: len(array)] = array
+    return out
+
+
+class _Ring:
+    """The latest ``size`` values of every slot: ``data[slot, pos[slot]]`` is the next
+    to be overwritten, ``count`` how many are held (at most ``size``). Each value is
+    written twice (at ``pos`` and ``pos + size``), so a full ring, oldest first, is the
+    contiguous ``data[slot, pos : pos + size]``: gathering many is one strided copy."""
+
+    def __init__(self, capacity: int, size: int, dtype: type) -> None:
+        self.size = size
+        self.data = np.zeros((capacity, 2 * size), dtype=dtype)
+        self.pos = np.zeros(capacity, np.int64)
+        self.count = np.zeros(capacity, np.int64)
+
+    def grow(self, capacity: int) -> None:
+        self.data = _grown(self.data, capacity)
+        self.pos = _grown(self.pos, capacity)
+        self.count = _grown(self.count, capacity)
+
+    def reset(self, slots: np.ndarray) -> None:
+        self.pos[slots] = 0
+        self.count[slots] = 0
+
+    def push(self, slots: np.ndarray, values: np.ndarray) -> None:
+        pos = self.pos[slots]
+        self.data[slots, pos] = values
+        self.data[slots, pos + self.size] = values
+        self.pos[slots] = (pos + 1) % self.size
+        self.count[slots] = np.minimum(self.count[slots] + 1, self.size)
+
+    def ordered(self, slots: np.ndarray) -> np.ndarray:
+        """Full rings of ``slots``, oldest first: (n, size)."""
+        windows = np.lib.stride_tricks.sliding_window_view(self.data, self.size, axis=1)
+        return windows[slots, self.pos[slots]]
+
+    def row(self, slot: int) -> np.ndarray:
+        """One slot's held values, oldest first."""
+        count = int(self.count[slot])
+        if count < self.size:
+            return self.data[slot, :count].copy()
+        start = int(self.pos[slot])
+        return self.data[slot, start : start + self.size].copy()
+
+    def rows(self, slots: np.ndarray) -> list[np.ndarray]:
+        """:meth:`row` of many slots: the full ones gathered at once."""
+        full = self.count[slots] == self.size
+        out: list[np.ndarray] = [None] * len(slots)  # type: ignore[list-item]
+        index = np.flatnonzero(full)
+        for i, row in zip(index.tolist(), self.ordered(slots[index]), strict=True):
+            out[i] = row
+        for i in np.flatnonzero(~full).tolist():
+            out[i] = self.row(int(slots[i]))
+        return out
+
+    def set_row(self, slot: int, values: np.ndarray) -> None:
+        values = values[-self.size :]
+        self.data[slot, : len(values)] = values
+        self.data[slot, self.size : self.size + len(values)] = values
+        self.count[slot] = len(values)
+        self.pos[slot] = len(values) % self.size
+
+    def place(self, slot: int, value: float, newer: int, replace: bool) -> None:
+        values = self.row(slot).tolist()
+        place(values, value, newer, replace, self.size)
+        self.set_row(slot, np.asarray(values, dtype=self.data.dtype))
+
+
+class NaiveColumns:
+    """:class:`models.baseline.SeasonalNaive` over slots: the last season of values, and
+    the weighted variance of the rule's one-step errors."""
+
+    def __init__(self, forecaster: SeasonalNaive, capacity: int) -> None:
+        self.forecaster = forecaster
+        self.history = _Ring(capacity, forecaster.season, np.float64)
+        self.var = np.zeros(capacity)
+        self.errors = np.zeros(capacity, np.int64)
+        self._widths = np.asarray(forecaster._widths)
+        self._repeats = np.asarray(forecaster._repeats)
+
+    def grow(self, capacity: int) -> None:
+        self.history.grow(capacity)
+        self.var = _grown(self.var, capacity)
+        self.errors = _grown(self.errors, capacity)
+
+    def reset(self, slots: np.ndarray) -> None:
+        self.history.reset(slots)
+        self.var[slots] = 0.0
+        self.errors[slots] = 0
+
+    def advance(self, slots: np.ndarray, values: np.ndarray, ts: np.ndarray) -> Forecasts:
+        ring, season, alpha = self.history, self.forecaster.season, self.forecaster.alpha
+        count = ring.count[slots]
+        seen = count > 0
+        full = count == season
+        latest = ring.data[slots, (ring.pos[slots] - 1) % season]
+        oldest = ring.data[slots, ring.pos[slots]]
+        error = values - np.where(full, oldest, latest)
+        weight = np.maximum(alpha, 1.0 / (self.errors[slots] + 1))
+        var = self.var[slots]
+        self.var[slots] = np.where(seen, var + weight * (error * error - var), var)
+        self.errors[slots] += seen
+        ring.push(slots, values)
+        return self._forecast(slots)
+
+    def _forecast(self, slots: np.ndarray) -> Forecasts:
+        ring = self.history
+        full = ring.count[slots] == ring.size
+        latest = ring.data[slots, (ring.pos[slots] - 1) % ring.size]
+        index = (ring.pos[slots, None] + self._repeats) % ring.size
+        yhat = np.where(full[:, None], ring.data[slots[:, None], index], latest[:, None])
+        half = np.sqrt(self.var[slots])[:, None] * self._widths
+        made = np.ones(len(slots), bool)
+        return Forecasts(yhat, yhat - half, yhat + half, made, made.copy())
+
+    def correct(self, slot: int, value: float, newer: int, replace: bool) -> None:
+        self.history.place(slot, value, newer, replace)
+
+    def to_doc(self, slot: int) -> dict:
+        return self.to_docs(np.array([slot]))[0]
+
+    def to_docs(self, slots: np.ndarray) -> list[dict]:
+        return [
+            {"history": history, "var": var, "errors": errors}
+            for history, var, errors in zip(
+                self.history.rows(slots),
+                self.var[slots].tolist(),
+                self.errors[slots].tolist(),
+                strict=True,
+            )
+        ]
+
+    def from_doc(self, slot: int, doc: dict) -> None:
+        self.history.set_row(slot, np.asarray(doc["history"], dtype=np.float64))
+        self.var[slot] = doc["var"]
+        self.errors[slot] = doc["errors"]
+
+
+class LSTMColumns:
+    """:class:`models.lstm.LSTMForecaster` over slots: a ring of the last ``lookback``
+    values (float32, as the reference's window) and ``(h, c)`` as tensors. One forward
+    step for all the call's full windows."""
+
+    def __init__(self, forecaster: LSTMForecaster, capacity: int) -> None:
+        self.forecaster = forecaster
+        self.window = _Ring(capacity, forecaster.lookback, np.float32)
+        hidden = forecaster.net.hidden
+        self.h = np.zeros((capacity, hidden), np.float32)
+        self.c = np.zeros((capacity, hidden), np.float32)
+
+    def grow(self, capacity: int) -> None:
+        self.window.grow(capacity)
+        self.h = _grown(self.h, capacity)
+        self.c = _grown(self.c, capacity)
+
+    def reset(self, slots: np.ndarray) -> None:
+        self.window.reset(slots)
+        self.h[slots] = 0.0
+        self.c[slots] = 0.0
+
+    @torch.inference_mode()
+    def advance(self, slots: np.ndarray, values: np.ndarray, ts: np.ndarray) -> Forecasts:
+        model = self.forecaster
+        self.window.push(slots, values.astype(np.float32))
+        out = Forecasts.empty(len(slots), model.horizon)
+        ready = np.flatnonzero(self.window.count[slots] == model.lookback)
+        if len(ready) == 0:
+            return out
+        chosen = slots[ready]
+        device = model.device
+        win = torch.from_numpy(self.window.ordered(chosen)).to(device)
+        h = torch.from_numpy(self.h[chosen]).to(device)
+        c = torch.from_numpy(self.c[chosen]).to(device)
+        yhat, std, h, c = model.net.step(win, ts[ready], h, c)
+        half = std.unsqueeze(-1) * model.quantiles
+        self.h[chosen] = h.cpu().numpy()
+        self.c[chosen] = c.cpu().numpy()
+        out.yhat[ready] = yhat.cpu().numpy()
+        out.lower[ready] = (yhat - half).cpu().numpy()
+        out.upper[ready] = (yhat + half).cpu().numpy()
+        out.made[ready] = True
+        return out
+
+    def correct(self, slot: int, value: float, newer: int, replace: bool) -> None:
+        self.window.place(slot, value, newer, replace)
+
+    def to_doc(self, slot: int) -> dict:
+        return self.to_docs(np.array([slot]))[0]
+
+    def to_docs(self, slots: np.ndarray) -> list[dict]:
+        """As the reference: ``h`` and ``c`` are None until the first full window."""
+        started = (self.window.count[slots] == self.window.size).tolist()
+        h, c = self.h[slots], self.c[slots]
+        return [
+            {"buf": buf, "h": h[i] if on else None, "c": c[i] if on else None}
+            for i, (buf, on) in enumerate(zip(self.window.rows(slots), started, strict=True))
+        ]
+
+    def from_doc(self, slot: int, doc: dict) -> None:
+        self.window.set_row(slot, np.asarray(doc["buf"], dtype=np.float32))
+        for name in ("h", "c"):
+            row = doc.get(name)
+            getattr(self, name)[slot] = 0.0 if row is None else np.asarray(row, np.float32)
+
+
+class DictColumns:
+    """Any forecaster, through its own per-sensor dict states (one per slot)."""
+
+    def __init__(self, forecaster: StreamingForecaster, capacity: int) -> None:
+        self.forecaster = forecaster
+        self.states: list[dict | None] = [None] * capacity
+
+    def grow(self, capacity: int) -> None:
+        self.states.extend([None] * (capacity - len(self.states)))
+
+    def reset(self, slots: np.ndarray) -> None:
+        for slot in slots.tolist():
+            self.states[slot] = None
+
+    def advance(self, slots: np.ndarray, values: np.ndarray, ts: np.ndarray) -> Forecasts:
+        items = []
+        for slot, value, at in zip(slots.tolist(), values.tolist(), ts.tolist(), strict=True):
+            state = self.states[slot]
+            if state is None:
+                state = self.states[slot] = self.forecaster.init_state()
+            items.append((state, value, at))
+        out = Forecasts.empty(len(slots), self.forecaster.horizon)
+        for i, result in enumerate(self.forecaster.step(items)):
+            if result is NOT_DUE:
+                out.due[i] = False
+            elif result is not None:
+                out.yhat[i], out.lower[i], out.upper[i] = result
+                out.made[i] = True
+        return out
+
+    def correct(self, slot: int, value: float, newer: int, replace: bool) -> None:
+        state = self.states[slot]
+        if state is not None:
+            self.forecaster.correct(state, value, newer, replace)
+
+    def to_doc(self, slot: int) -> dict:
+        state = self.states[slot]
+        return self.forecaster.init_state() if state is None else state
+
+    def to_docs(self, slots: np.ndarray) -> list[dict]:
+        return [self.to_doc(slot) for slot in slots.tolist()]
+
+    def from_doc(self, slot: int, doc: dict) -> None:
+        self.states[slot] = doc
+
+
+def interval_rows(forecasts: Forecasts, index: int) -> tuple[list, list, list]:
+    """One slot's forecast as the reference's lists (for tests and comparisons)."""
+    return (
+        forecasts.yhat[index].tolist(),
+        forecasts.lower[index].tolist(),
+        forecasts.upper[index].tolist(),
+    )

@@ -1,0 +1,59 @@
+"""The columnar forecasters give their reference forecasters' forecasts, reading for
+reading, and their snapshots restore into the reference's dict states."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.base import StreamingForecaster
+from models.baseline import SeasonalNaive
+from models.columns import columns_for, interval_rows
+from models.lstm import LinearLSTMNet, LSTMForecaster
+
+
+def lstm() -> LSTMForecaster:
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    net = LinearLSTMNet(8, 5, 16, rng.normal(size=(8, 5)) * 0.1)
+    torch.nn.init.normal_(net.head.weight, std=0.1)
+    return LSTMForecaster(net, 1, np.linspace(1, 2, 5))
+
+
+@pytest.mark.parametrize("forecaster", [SeasonalNaive(horizon=6, season=4), lstm()])
+def test_columns_equal_the_reference_with_late_readings_and_growth(
+    forecaster: StreamingForecaster,
+) -> None:
+    rng = np.random.default_rng(1)
+    columns = columns_for(forecaster, 2)
+    columns.grow(8)
+    states = [forecaster.init_state() for _ in range(5)]
+    made = 0
+    for t in range(60):
+        slots = np.sort(rng.choice(5, int(rng.integers(1, 6)), replace=False))
+        values = rng.normal(size=len(slots))
+        ts = 1.7e9 + 3600 * t + np.zeros(len(slots))
+        items = [(states[s], float(v), float(x)) for s, v, x in zip(slots, values, ts, strict=True)]
+        want = forecaster.step(items)
+        got = columns.advance(slots, values, ts)
+        for i, expected in enumerate(want):
+            if expected is None:
+                assert not got.made[i]
+                continue
+            assert interval_rows(got, i) == tuple(list(series) for series in expected)
+            made += 1
+        if t % 7 == 3:  # a late reading, two readings back
+            slot, value = int(slots[0]), float(rng.normal())
+            forecaster.correct(states[slot], value, 2, False)
+            columns.correct(slot, value, 2, False)
+    assert made > 50
+    for slot, state in enumerate(states):
+        doc = columns.to_doc(slot)
+        for key, value in state.items():
+            if value is None:
+                assert doc[key] is None
+            else:
+                assert np.array_equal(np.asarray(doc[key]), np.asarray(value)), key
+        columns.from_doc(slot, doc)
+    assert columns.to_docs(np.arange(5))[3].keys() == states[3].keys()
