@@ -38,6 +38,7 @@ from models.registry import ModelRef, Registry
 from sinks.clickhouse import Store
 
 log = logging.getLogger(__name__)
+PARTITIONS_TIMEOUT = 60.0  # seconds the drift listener waits for its topic's partitions
 
 KINDS = {"linear-lstm": "lstm", "tft": "tft"}
 TRIGGERING = ("residual", "level")
@@ -60,14 +61,30 @@ class DriftListener:
 
     async def start(self) -> None:
         await self.consumer.start()
-        await self.consumer.topics()  # fresh metadata, so the topic's partitions are known
-        ids = self.consumer.partitions_for_topic(self.topic) or set()
+        ids = await self._partitions()
         partitions = [TopicPartition(self.topic, p) for p in sorted(ids)]
         self.consumer.assign(partitions)
         await self.consumer.seek_to_end(*partitions)
         for tp in partitions:  # resolve the positions now: nothing published later is missed
             await self.consumer.position(tp)
         self._task = asyncio.create_task(self._run(), name="drift-listener")
+
+    async def _partitions(self) -> set[int]:
+        """The topic's partitions, once the broker's metadata names them: a listener
+        assigned none would hear nothing, for good (seen on a loaded machine, where the
+        metadata of a topic created a moment before had no partitions yet)."""
+        waited = 0.0
+        while True:
+            await self.consumer.topics()  # the whole cluster's metadata, fetched now
+            ids = self.consumer.partitions_for_topic(self.topic)
+            if ids:
+                return ids
+            if waited >= PARTITIONS_TIMEOUT:
+                raise ForecastError(f"topic {self.topic} has no partitions after {waited:.0f}s")
+            if waited and waited % 5 < 0.25:
+                log.warning("drift listener: waiting for the partitions of %s", self.topic)
+            await asyncio.sleep(0.25)
+            waited += 0.25
 
     async def stop(self) -> None:
         if self._task is not None:
