@@ -15,6 +15,9 @@ For every reading of a sensor, :class:`OnlineFeatures` returns the row that
 covariate names     the covariate's latest value (carried forward; NaN before the first)
 ==================  ================================================================
 
+The defaults assume hourly readings (24 of them a day); :meth:`FeatureSpec.for_season`
+gives the same features for another season of readings (288 for five-minute data).
+
 A feature is NaN until enough readings exist (``w`` for windows, ``k + 1`` for lags and
 differences). The live River objects sit in a :class:`FeatureState`; its JSON form is the
 last readings plus the weighted means, which rebuild the same statistics exactly (the
@@ -53,6 +56,14 @@ class FeatureSpec:
             raise ValueError("lags and differences must be >= 1, windows >= 2")
         if any(not 0 < a <= 1 for a in self.ewm_alphas):
             raise ValueError("EWM alphas must lie in (0, 1]")
+
+    @classmethod
+    def for_season(cls, season: int, **given: object) -> FeatureSpec:
+        """The default features with one season of readings where the default has 24
+        (one day of hourly readings): ``lag_s``, ``diff_s`` and the window of ``s``; the
+        names are the default's for ``season=24``. ``given`` overrides any field."""
+        fields = {"lags": (1, season), "diffs": (1, season), "windows": (season,)}
+        return cls(**{**fields, **given})
 
     @property
     def names(self) -> list[str]:

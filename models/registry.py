@@ -6,6 +6,22 @@ Layout under ``<data_dir>/models``::
     <name>/v<N>/model.pt     weights and configuration (loaded with weights_only=True)
     <name>/v<N>/meta.json    parameters, metrics, data fingerprint, artifact checksum
 
+``meta.json`` (written by :func:`models.fit.fit`; older versions lack the later fields,
+which :func:`step_and_season` and :func:`warm_up` fill in)::
+
+    kind, params                 the artifact kind and the training configuration
+    data.rows / data.file_rows   rows the split used / rows in the file
+    data.targets                 the columns forecast (also ``data.channels``)
+    data.covariates              extra input columns (none yet)
+    data.step_seconds            the step: the most common spacing of the times
+    data.season                  readings in one season (one day of readings)
+    data.timing                  the same with gaps and whether the season was given
+    split                        protocol, rows and windows of train/valid/test
+    warm_up                      readings of a sensor before the model forecasts it
+    metrics, metrics_by_target   scaled valid/test scores, overall and per target
+    baseline                     the seasonal naive's test scores, steps the model beats
+    best_epoch, epochs_run, stopped_early, history, train_seconds
+
 One production model serves the stream; a shadow model, if any, runs beside it and its
 predictions are stored with its own name and version. A version replaced in a stage is
 ``archived``. Writers take an exclusive lock; ``registry.json`` is replaced atomically,
@@ -181,6 +197,24 @@ class Registry:
         tmp = self.file.with_suffix(".tmp")
         tmp.write_bytes(orjson.dumps(state, option=orjson.OPT_INDENT_2))
         os.replace(tmp, self.file)
+
+
+def step_and_season(meta: dict) -> tuple[float, int]:
+    """A version's step in seconds and season in readings (hourly and 24 for versions
+    trained before they were recorded, which assumed hourly data)."""
+    data = meta.get("data", {})
+    step = float(data.get("step_seconds") or 3600.0)
+    season = data.get("season") or meta.get("params", {}).get("season") or 24
+    return step, int(season)
+
+
+def warm_up(meta: dict) -> int:
+    """Readings a sensor needs before this version forecasts it (until then the
+    fallback baseline serves it)."""
+    if "warm_up" in meta:
+        return int(meta["warm_up"])
+    lookback = int(meta.get("params", {}).get("lookback", 0))
+    return lookback + (step_and_season(meta)[1] if meta.get("kind") == "tft" else 0)
 
 
 def _loader(kind: str | None):

@@ -4,15 +4,17 @@ Inputs per reading, built from the online features of :mod:`models.features`, al
 of the sensor's unit so that one model serves any sensor:
 
 * unknown: the value (normalised per encoder window by the dataset's
-  ``EncoderNormalizer``), ``level_z = (x - mean_24) / std_24``,
-  ``ewm_gap = (x - ewm_0.1) / std_24`` and ``season_z = diff_24 / std_24``;
+  ``EncoderNormalizer``), ``level_z = (x - mean_s) / std_s``,
+  ``ewm_gap = (x - ewm_0.1) / std_s`` and ``season_z = diff_s / std_s``, where ``s`` is
+  the season in readings (``TFTConfig.season``, one day of readings of the training
+  data: 24 for hourly data, whose features are ``mean_24``, ``std_24``, ``diff_24``);
 * known: hour of day and day of week as sine/cosine, also for the forecast steps.
 
 Training uses the library's ``TimeSeriesDataSet``. Serving builds the network's input
 tensors directly from per-sensor state (the last ``lookback`` input rows) and calls the
 network once per micro-batch; a test checks it against ``model.predict``. The 5%, 50% and
 95% quantiles become ``lower``, ``yhat`` and ``upper``. A sensor is forecast every
-``cadence`` readings once ``lookback + 24`` readings have been seen.
+``cadence`` readings once ``lookback + season`` readings have been seen.
 """
 
 from __future__ import annotations
@@ -32,13 +34,26 @@ import torch
 from models.base import NOT_DUE, Interval, Item, NotDue
 from models.data import Split, calendar
 from models.features import CALENDAR, FeatureSpec, OnlineFeatures, batch_features
-from models.train import Metrics
+from models.train import Assessment, Metrics
 
-FEATURES = FeatureSpec(lags=(), diffs=(24,), windows=(24,), ewm_alphas=(0.1,))
 UNKNOWN = ("value", "level_z", "ewm_gap", "season_z")
 KNOWN = CALENDAR
 QUANTILES = (0.05, 0.5, 0.95)
-WARM_UP = FEATURES.memory  # readings before the first complete input row
+SEASON = 24  # the default: one day of hourly readings
+
+
+def feature_spec(season: int = SEASON) -> FeatureSpec:
+    """The online features the inputs are built from, for a season of readings."""
+    return FeatureSpec.for_season(season, lags=(), diffs=(season,), ewm_alphas=(0.1,))
+
+
+def warm_up(season: int = SEASON) -> int:
+    """Readings before the first complete input row."""
+    return feature_spec(season).memory
+
+
+FEATURES = feature_spec()  # hourly data's
+WARM_UP = warm_up()
 EPS = 1e-3
 QUIET = {
     "logger": False,
@@ -46,8 +61,6 @@ QUIET = {
     "enable_model_summary": False,
     "enable_checkpointing": False,
 }
-_COLUMNS = {name: i for i, name in enumerate(FEATURES.names)}
-
 Progress = Callable[[int, dict], None]
 
 
@@ -65,6 +78,7 @@ class TFTConfig:
     batches_per_epoch: int = 200
     seed: int = 0
     cadence: int = 1
+    season: int = SEASON  # readings; the feature windows span one season
 
 
 @dataclass
@@ -76,30 +90,42 @@ class TFTResult:
     test: Metrics | None = None
     importances: dict = field(default_factory=dict)
     seconds: float = 0.0
+    stopped_early: bool = False  # ``patience`` epochs passed without improvement
+    assessed: dict[str, Assessment] = field(default_factory=dict)  # "valid", "test"
 
 
 # -- inputs ----------------------------------------------------------------------------------
 
 
-def input_rows(values: np.ndarray, features: np.ndarray) -> np.ndarray:
-    """Model inputs (N, 8) from values (N,) and their feature rows (N, F); NaN in warm-up."""
-    std = features[:, _COLUMNS["std_24"]] + EPS
+def input_rows(values: np.ndarray, features: np.ndarray, season: int = SEASON) -> np.ndarray:
+    """Model inputs (N, 8) from values (N,) and their feature rows (N, F) of
+    :func:`feature_spec` for ``season``; NaN in warm-up."""
+    column = {name: i for i, name in enumerate(feature_spec(season).names)}
+    std = features[:, column[f"std_{season}"]] + EPS
     unknown = [
         values,
-        (values - features[:, _COLUMNS["mean_24"]]) / std,
-        (values - features[:, _COLUMNS["ewm_0.1"]]) / std,
-        features[:, _COLUMNS["diff_24"]] / std,
+        (values - features[:, column[f"mean_{season}"]]) / std,
+        (values - features[:, column["ewm_0.1"]]) / std,
+        features[:, column[f"diff_{season}"]] / std,
     ]
-    known = [features[:, _COLUMNS[name]] for name in KNOWN]
+    known = [features[:, column[name]] for name in KNOWN]
     return np.stack(unknown + known, axis=-1)
 
 
-def long_frame(values: np.ndarray, ts: np.ndarray, channels: list[str]) -> pd.DataFrame:
+def _series_rows(values: np.ndarray, ts: np.ndarray, season: int) -> np.ndarray:
+    """Input rows of one channel, the warm-up included."""
+    spec = feature_spec(season)
+    return input_rows(values, batch_features(values, ts, spec).to_numpy(), season)
+
+
+def long_frame(
+    values: np.ndarray, ts: np.ndarray, channels: list[str], season: int = SEASON
+) -> pd.DataFrame:
     """The dataset's long table: one row per channel and reading after the warm-up."""
     parts = []
     for c, channel in enumerate(channels):
-        rows = input_rows(values[:, c], batch_features(values[:, c], ts, FEATURES).to_numpy())
-        frame = pd.DataFrame(rows[WARM_UP:], columns=[*UNKNOWN, *KNOWN])
+        rows = _series_rows(values[:, c], ts, season)
+        frame = pd.DataFrame(rows[warm_up(season) :], columns=[*UNKNOWN, *KNOWN])
         frame.insert(0, "time_idx", np.arange(len(frame)))
         frame.insert(0, "series", channel)
         parts.append(frame)
@@ -188,12 +214,13 @@ def forward(net: torch.nn.Module, encoder: np.ndarray, future_ts: np.ndarray) ->
 
 
 def offline_windows(
-    values: np.ndarray, ts: np.ndarray, lookback: int, horizon: int
+    values: np.ndarray, ts: np.ndarray, lookback: int, horizon: int, season: int = SEASON
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every complete window of one channel: inputs (N, L, 8), future times (N, H) and
     targets (N, H)."""
-    rows = input_rows(values, batch_features(values, ts, FEATURES).to_numpy())[WARM_UP:]
-    shifted_ts, shifted = ts[WARM_UP:], values[WARM_UP:]
+    skip = warm_up(season)
+    rows = _series_rows(values, ts, season)[skip:]
+    shifted_ts, shifted = ts[skip:], values[skip:]
     n = len(rows) - lookback - horizon + 1
     encoder = np.lib.stride_tricks.sliding_window_view(rows, lookback, axis=0)[:n]
     encoder = encoder.transpose(0, 2, 1)
@@ -209,18 +236,37 @@ def evaluate(
     chunk: int = 512,
 ) -> Metrics:
     """Scaled errors and 90% interval coverage over every window of every channel."""
+    return assess(net, segment, config, chunk).overall
+
+
+def assess(
+    net: torch.nn.Module,
+    segment: tuple[np.ndarray, np.ndarray],
+    config: TFTConfig,
+    chunk: int = 512,
+) -> Assessment:
+    """:func:`evaluate` overall, per channel and per forecast step."""
     values, ts = segment
-    errors, covered, pct = [], [], []
+    errors, covered, pct, channels = [], [], [], []
     for c in range(values.shape[1]):
         encoder, future, targets = offline_windows(
-            values[:, c], ts, config.lookback, config.horizon
+            values[:, c], ts, config.lookback, config.horizon, config.season
         )
+        first = len(errors)
         for start in range(0, len(encoder), chunk):
             q = forward(net, encoder[start : start + chunk], future[start : start + chunk])
             y = targets[start : start + chunk]
             errors.append(q[..., 1] - y)
             covered.append((q[..., 0] <= y) & (y <= q[..., 2]))
             pct.append(np.abs(q[..., 1] - y) / np.maximum(np.abs(y), 1e-2))
+        channels.append(_metrics(errors[first:], covered[first:], pct[first:]))
+    error = np.concatenate(errors)
+    return Assessment(
+        _metrics(errors, covered, pct), channels, (error**2).mean(0).astype(np.float64)
+    )
+
+
+def _metrics(errors: list, covered: list, pct: list) -> Metrics:
     error = np.concatenate(errors)
     return Metrics(
         float((error**2).mean()),
@@ -254,16 +300,16 @@ def variable_importances(net: torch.nn.Module, loader) -> dict:
 
 def train_tft(split: Split, config: TFTConfig, progress: Progress | None = None) -> TFTResult:
     """Fit on the training segment with early stopping on the validation loss, keeping
-    the best epoch's weights. ``split`` must start its segments ``lookback + WARM_UP``
-    rows early (``protocol_split(series, lookback + WARM_UP)``)."""
+    the best epoch's weights. ``split`` must start its segments ``lookback +
+    warm_up(config.season)`` rows early."""
     import lightning.pytorch as pl
 
     started = time.perf_counter()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no banners
     _seed(config.seed)
     channels = [f"c{i}" for i in range(split.train[0].shape[1])]
-    train_set = dataset(long_frame(*split.train, channels), config)
-    valid_frame = long_frame(*split.valid, channels)
+    train_set = dataset(long_frame(*split.train, channels, config.season), config)
+    valid_frame = long_frame(*split.valid, channels, config.season)
     valid_set = train_set.from_dataset(train_set, valid_frame, stop_randomization=True)
     net = build_network(config)
     train_loader = train_set.to_dataloader(train=True, batch_size=config.batch_size)
@@ -283,9 +329,12 @@ def train_tft(split: Split, config: TFTConfig, progress: Progress | None = None)
         trainer.fit(net, train_loader, valid_loader)
     net.load_state_dict(keeper.best_state)
     net.eval()
-    result = TFTResult(net, keeper.best_epoch, keeper.history)
-    result.valid = evaluate(net, split.valid, config)
-    result.test = evaluate(net, split.test, config)
+    result = TFTResult(net, keeper.best_epoch, keeper.history, stopped_early=keeper.stopped)
+    result.assessed = {
+        "valid": assess(net, split.valid, config),
+        "test": assess(net, split.test, config),
+    }
+    result.valid, result.test = result.assessed["valid"].overall, result.assessed["test"].overall
     sample = valid_set.to_dataloader(train=False, batch_size=256)
     result.importances = variable_importances(net, _first(sample, 4))
     result.seconds = time.perf_counter() - started
@@ -300,6 +349,7 @@ def _best_epoch(patience: int, progress: Progress | None):
     class BestEpoch(pl.Callback):
         def __init__(self) -> None:
             self.best, self.best_epoch, self.waited = float("inf"), 0, 0
+            self.stopped = False
             self.best_state: dict = {}
             self.history: list[dict] = []
 
@@ -316,7 +366,7 @@ def _best_epoch(patience: int, progress: Progress | None):
             else:
                 self.waited += 1
                 if self.waited >= patience:
-                    trainer.should_stop = True
+                    trainer.should_stop = self.stopped = True
 
     return BestEpoch()
 
@@ -362,7 +412,8 @@ class TFTForecaster:
         self.horizon = config.horizon
         self.lookback = config.lookback
         self.cadence = config.cadence
-        self.features = OnlineFeatures(FEATURES)
+        self.season = config.season
+        self.features = OnlineFeatures(feature_spec(config.season))
 
     def init_state(self) -> dict:
         # "since" counts readings since the last forecast: the first full window is due.
@@ -383,7 +434,8 @@ class TFTForecaster:
             step, state["ts"] = ts - (state["ts"] or ts), ts
             if not np.isfinite(row).all():
                 continue  # warming up
-            new = input_rows(np.array([value]), np.array([row])).astype(np.float32)
+            new = input_rows(np.array([value]), np.array([row]), self.season)
+            new = new.astype(np.float32)
             old = np.asarray(state["rows"], dtype=np.float32).reshape(-1, new.shape[1])
             # A new float32 array each time (4 bytes a value; a window queued for this
             # batch's forward pass is never changed under it).

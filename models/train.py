@@ -1,4 +1,5 @@
-"""Training and evaluation under the published protocol (pure computation, no registry)."""
+"""Training and evaluation of the LSTM on a chronological split (pure computation, no
+registry)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,16 @@ class Metrics:
 
 
 @dataclass
+class Assessment:
+    """Scores of one segment: overall, per channel (in column order) and the MSE of each
+    forecast step over every channel and window (H,)."""
+
+    overall: Metrics
+    channels: list[Metrics]
+    step_mse: np.ndarray
+
+
+@dataclass
 class TrainResult:
     net: LinearLSTMNet
     quantiles: np.ndarray
@@ -51,6 +62,8 @@ class TrainResult:
     valid: Metrics | None = None
     test: Metrics | None = None
     seconds: float = 0.0
+    stopped_early: bool = False  # ``patience`` epochs passed without improvement
+    assessed: dict[str, Assessment] = field(default_factory=dict)  # "valid", "test"
 
 
 def ridge(values: np.ndarray, lookback: int, horizon: int, lam: float) -> np.ndarray:
@@ -78,6 +91,25 @@ def evaluate(
     net: LinearLSTMNet, segment: tuple[np.ndarray, np.ndarray], quantiles: np.ndarray | None = None
 ) -> Metrics:
     yhat, std, targets = offline_forecasts(net, *segment)
+    return _metrics(yhat, std, targets, quantiles)
+
+
+def assess(
+    net: LinearLSTMNet, segment: tuple[np.ndarray, np.ndarray], quantiles: np.ndarray | None = None
+) -> Assessment:
+    """:func:`evaluate` overall (the same numbers), per channel and per step."""
+    yhat, std, targets = offline_forecasts(net, *segment)
+    per_channel = [
+        _metrics(yhat[c : c + 1], std[c : c + 1], targets[c : c + 1], quantiles)
+        for c in range(yhat.shape[0])
+    ]
+    step_mse = ((yhat - targets) ** 2).mean((0, 1)).double().numpy()
+    return Assessment(_metrics(yhat, std, targets, quantiles), per_channel, step_mse)
+
+
+def _metrics(
+    yhat: torch.Tensor, std: torch.Tensor, targets: torch.Tensor, quantiles: np.ndarray | None
+) -> Metrics:
     error = yhat - targets
     coverage = None
     if quantiles is not None:
@@ -116,7 +148,7 @@ def train_lstm(split: Split, config: TrainConfig, progress: Progress | None = No
     n = series.shape[1] - config.lookback - config.horizon + 1
     targets = series.unfold(1, config.horizon, 1)[:, config.lookback : config.lookback + n]
     best = evaluate(net, split.valid).mse
-    best_state, best_epoch, waited = copy.deepcopy(net.state_dict()), 0, 0
+    best_state, best_epoch, waited, stopped = copy.deepcopy(net.state_dict()), 0, 0, False
     history = [{"epoch": 0, "valid_mse": round(best, 6)}]
     if progress:
         progress(0, history[-1])
@@ -150,12 +182,16 @@ def train_lstm(split: Split, config: TrainConfig, progress: Progress | None = No
         else:
             waited += 1
             if waited >= config.patience:
+                stopped = True
                 break
     net.load_state_dict(best_state)
     net.eval()
     quantiles = conformal_quantiles(net, split.valid, config.coverage)
-    result = TrainResult(net, quantiles, best_epoch, history)
-    result.valid = evaluate(net, split.valid, quantiles)
-    result.test = evaluate(net, split.test, quantiles)
+    result = TrainResult(net, quantiles, best_epoch, history, stopped_early=stopped)
+    result.assessed = {
+        "valid": assess(net, split.valid, quantiles),
+        "test": assess(net, split.test, quantiles),
+    }
+    result.valid, result.test = result.assessed["valid"].overall, result.assessed["test"].overall
     result.seconds = time.perf_counter() - started
     return result

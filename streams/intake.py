@@ -45,6 +45,13 @@ from faust.types import TP, Message
 
 log = logging.getLogger(__name__)
 
+#: Record bytes in one batch at most (besides ``max_records``): a batch's memory, its
+#: predictions' messages and its store rows follow its readings, and records of
+#: thousands of readings each (a backfill) took a worker filling 10,000 sensors' windows
+#: past 15 GiB in batches of 2,000 records (1.3 GiB with 1 MiB batches). 4 MiB is about
+#: 60,000 readings; 1 MiB cost a fifth of the throughput of 100-reading records.
+BATCH_BYTES = 4 << 20
+
 #: Handles a batch; returns the messages to acknowledge, or None for all of them.
 MessageHandler = Callable[[list[Message]], Awaitable[Iterable[Message] | None]]
 
@@ -90,13 +97,20 @@ class MessageBuffer:
         self.messages.append(message)
         self.arrived.set()
 
-    async def take(self, limit: int) -> list[Message]:
-        """Up to ``limit`` messages in arrival order; waits while there are none."""
+    async def take(self, limit: int, max_bytes: int = BATCH_BYTES) -> list[Message]:
+        """Up to ``limit`` messages in arrival order, and no more of them than fit in
+        ``max_bytes`` of values (but at least one); waits while there are none."""
         while not self.messages:
             self.arrived.clear()
             await self.arrived.wait()
         messages = self.messages
-        taken = [messages.popleft() for _ in range(min(limit, len(messages)))]
+        taken = [messages.popleft()]
+        size = len(taken[0].value or b"")
+        while messages and len(taken) < limit:
+            size += len(messages[0].value or b"")
+            if size > max_bytes:
+                break
+            taken.append(messages.popleft())
         self._taken()
         generation = self.app.consumer_generation_id
         return [m for m in taken if m.generation_id == generation]
@@ -142,8 +156,9 @@ class BatchIntake:
     (or only those the handler returns: ones held back for a re-read must not be).
 
     A batch is whatever arrived while the previous one was handled, at most
-    ``max_records``, in arrival order (offset order within a partition); when idle, the
-    next message is handed over as soon as it arrives. Delivery waits while more than
+    ``max_records`` and :data:`BATCH_BYTES` of record values, in arrival order (offset
+    order within a partition); when idle, the next message is handed over as soon as it
+    arrives. Delivery waits while more than
     ``high_water`` messages (default ``4 * max_records``) are buffered.
 
     If ``handler`` raises, its batch is not acknowledged and the intake stops taking

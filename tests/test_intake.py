@@ -254,6 +254,25 @@ async def test_the_buffer_holds_back_delivery_above_its_high_water_mark() -> Non
     assert [m.offset for m in await asyncio.wait_for(waiting, 1)] == [6]
 
 
+async def test_a_batch_holds_no_more_record_bytes_than_its_cap_but_at_least_one_record() -> None:
+    app = SimpleNamespace(
+        consumer_generation_id=0,
+        topics=SimpleNamespace(acks_enabled_for=lambda topic: False),
+        consumer=SimpleNamespace(track_message=lambda message: None),
+    )
+    buffer = MessageBuffer(app, high_water=100)  # type: ignore[arg-type]
+    for offset, size in enumerate([400, 300, 400, 2000, 10]):
+        buffer.put_nowait_enhanced(
+            Message("t", 0, offset, 0.0, 0, None, b"k", b"v" * size, None, generation_id=0),
+            on_pressure_high=print,
+            on_pressure_drop=print,
+        )
+    assert [m.offset for m in await buffer.take(10, max_bytes=1000)] == [0, 1]
+    assert [m.offset for m in await buffer.take(10, max_bytes=1000)] == [2]
+    assert [m.offset for m in await buffer.take(10, max_bytes=1000)] == [3]  # alone, over
+    assert [m.offset for m in await buffer.take(10, max_bytes=1000)] == [4]
+
+
 # -- send_many ----------------------------------------------------------------------------
 
 
