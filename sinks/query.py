@@ -19,7 +19,14 @@ from forecast.errors import QueryError, QueryRejected
 from forecast.settings import Settings
 from sinks.clickhouse import READ_SETTINGS, Store
 from sinks.schema import DATABASE, LOG_TABLES
-from sinks.sqlguard import check_ast, check_tables, check_text, check_tree, described_tables
+from sinks.sqlguard import (
+    check_ast,
+    check_identifiers,
+    check_tables,
+    check_text,
+    check_tree,
+    described_tables,
+)
 
 MAX_SQL_BYTES = 64 * 1024
 SENSOR_VIEWS = (
@@ -190,6 +197,7 @@ def checked(session: Store, sql: str, access: Access, settings: dict) -> str:
     kind = check_ast(ast, table_functions)
     if kind == "describe":
         check_tables(described_tables(ast), [], access.readable)
+        check_identifiers(canonical)
         return canonical
     try:
         tree = [
@@ -198,6 +206,7 @@ def checked(session: Store, sql: str, access: Access, settings: dict) -> str:
     except QueryError as exc:
         raise _query_error(exc) from None
     check_tree(tree, access.readable)
+    check_identifiers(canonical)
     return canonical
 
 

@@ -97,6 +97,18 @@ def check_text(canonical: str) -> None:
         raise QueryRejected("INTO OUTFILE is not allowed", code="sql_into_outfile")
 
 
+def check_identifiers(canonical: str) -> None:
+    """No quoted identifier with an escape or a control character: ClickHouse's dumps
+    (``EXPLAIN AST``, ``EXPLAIN QUERY TREE``) print identifiers raw, so a line break in
+    an alias splits a node's line, and a table read behind it went unseen."""
+    for token in _QUOTED.findall(canonical):
+        if token[0] in '`"' and ("\\" in token or any(c < " " for c in token)):
+            raise QueryRejected(
+                "quoted identifiers with escapes or control characters are not allowed",
+                code="sql_identifier",
+            )
+
+
 def check_ast(ast_lines: Iterable[str], table_functions: Iterable[str]) -> str:
     """``select`` or ``describe``, or QueryRejected naming what is refused.
 

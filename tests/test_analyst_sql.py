@@ -76,6 +76,8 @@ HOSTILE = [
     ("SELECT dictGet('d', 'x', 1)", "sql_function"),
     ("SELECT joinGet('forecast.readings', 'value', 'a')", "sql_function"),
     ("SELECT getSetting('max_memory_usage')", "sql_function"),
+    # a line break in an alias split the tree's line of the table behind it
+    ("SELECT (SELECT count() FROM (SELECT 1 FROM system.processes AS `a\nb`))", "sql_identifier"),
     ("SELECT 1 SETTINGS readonly = 0", "sql_settings"),
     ("SELECT 1 SETTINGS max_memory_usage = 0", "sql_settings"),
     ("SELECT * FROM (SELECT 1 SETTINGS max_result_rows = 0)", "sql_settings"),
