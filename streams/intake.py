@@ -18,7 +18,9 @@ How it hooks Faust, through its public extension points only:
 * The buffer is managed by ``app.flow_control``: Faust clears it when partitions are
   revoked (as it clears agents' queues) and seeks to the committed offsets after the
   rebalance, so what was dropped is read again. Messages fetched before the last
-  rebalance (another ``generation_id``) are dropped too, as streams drop them.
+  rebalance (another ``generation_id``) are dropped too, as streams drop them. Flow
+  control clears its queues again when it resumes, after that seek; the buffer then
+  keeps what was fetched since (:meth:`MessageBuffer.clear`).
 * A batch is acknowledged with ``Message.ack(consumer)``, as ``Event.ack`` does: Faust
   commits only acknowledged offsets.
 
@@ -124,8 +126,16 @@ class MessageBuffer:
         return dropped
 
     def clear(self) -> None:
-        """Drop everything (flow control calls this on rebalances)."""
-        self.messages.clear()
+        """What flow control calls on a rebalance (suspended): drop everything. It also
+        calls this when it resumes, after the recovery has sought the partitions to
+        their committed offsets: the messages fetched since then stay (those of an older
+        generation go). Dropped there, a record fetched between the seek and the resume
+        was never read again, and its partition stalled after a restart."""
+        if self.app.flow_control.is_active():
+            generation = self.app.consumer_generation_id
+            self.messages = deque(m for m in self.messages if m.generation_id == generation)
+        else:
+            self.messages.clear()
         self._taken()
 
     def _taken(self) -> None:

@@ -55,7 +55,8 @@ def test_keys_create_list_revoke(tmp_path: Path) -> None:
     assert token.split("_", 2)[2] not in listed and token.split("_", 2)[2] not in (
         tmp_path / "keys.db"
     ).read_bytes().decode(errors="replace")
-    assert run_cli("keys", "revoke", key_id, env=env).returncode == 0
+    revoked = run_cli("keys", "revoke", key_id, env=env)
+    assert revoked.returncode == 0, (key_id, revoked.stdout, revoked.stderr)
     again = run_cli("keys", "revoke", key_id, env=env)
     assert again.returncode == 1 and again.stderr.startswith("error: no active key")
 

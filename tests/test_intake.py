@@ -25,6 +25,7 @@ from aiokafka.producer import AIOKafkaProducer as _Producer
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_kafka
 from faust.types import TP, Message
+from mode.utils.queues import FlowControlEvent
 from yarl import URL
 
 from forecast.kafka import DirectTransport, send_many
@@ -271,6 +272,37 @@ async def test_a_batch_holds_no_more_record_bytes_than_its_cap_but_at_least_one_
     assert [m.offset for m in await buffer.take(10, max_bytes=1000)] == [2]
     assert [m.offset for m in await buffer.take(10, max_bytes=1000)] == [3]  # alone, over
     assert [m.offset for m in await buffer.take(10, max_bytes=1000)] == [4]
+
+
+async def test_a_resume_keeps_what_was_fetched_in_this_generation_a_rebalance_drops_all() -> None:
+    """Flow control clears its queues on a rebalance and again when it resumes, after
+    the recovery's seek: a record fetched between the two must not be lost."""
+    flow = FlowControlEvent(initially_suspended=False)
+    app = SimpleNamespace(
+        consumer_generation_id=2,
+        flow_control=flow,
+        topics=SimpleNamespace(acks_enabled_for=lambda topic: False),
+        consumer=SimpleNamespace(track_message=lambda message: None),
+    )
+    buffer = MessageBuffer(app, high_water=100)  # type: ignore[arg-type]
+    flow.manage_queue(buffer)  # type: ignore[arg-type]
+
+    def put(offset: int) -> None:
+        generation = app.consumer_generation_id
+        buffer.put_nowait_enhanced(
+            Message("t", 0, offset, 0.0, 0, None, b"k", b"v", None, generation_id=generation),
+            on_pressure_high=print,
+            on_pressure_drop=print,
+        )
+
+    put(0)
+    app.consumer_generation_id = 3  # a rebalance ended: offset 0 is stale
+    put(8)  # fetched after the recovery's seek
+    flow.resume()
+    assert [m.offset for m in buffer.messages] == [8]
+    flow.suspend()  # the next rebalance
+    flow.clear()
+    assert len(buffer) == 0 and not buffer.arrived.is_set()
 
 
 # -- send_many ----------------------------------------------------------------------------
