@@ -35,7 +35,7 @@ from gateway.http import ApiContext, HttpServer, create_app
 from gateway.hub import Hub
 from gateway.ws import StreamServer
 from models.registry import Registry
-from models.serving import ModelWatcher, pick_device
+from models.serving import ModelWatcher, pick_device, share_cpus
 from sinks import owner
 from sinks.clickhouse import Store
 from sinks.consumer import Sink
@@ -251,6 +251,8 @@ async def start_worker(
     stack: contextlib.AsyncExitStack, settings: Settings, bootstrap: str
 ) -> Worker:
     """A stream worker serving the registry's models (hot-swapped as they change)."""
+    threads = share_cpus(settings.inference_threads)
+    log.info("inference on %d CPU threads", threads)
     watcher = ModelWatcher(
         Registry(settings.models_dir),
         settings.horizon,

@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     horizon: int = Field(24, ge=1, le=10_000)
     season: int = Field(24, ge=1, le=10_000)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="inference device")
+    inference_threads: int = Field(
+        0, ge=0, le=1024, description="torch CPU threads of a worker; 0: the CPUs / workers"
+    )
 
     residual_horizons: str = Field("1,6,24", description="forecast steps scored online")
 

@@ -34,6 +34,7 @@ class WorkerPool:
         self.settings = settings
         self.bootstrap = bootstrap
         self.count = count
+        self.threads = settings.inference_threads or max(1, (os.cpu_count() or 1) // count)
         self.processes: dict[int, asyncio.subprocess.Process] = {}
         self.failed = asyncio.Event()
         self.failure: BaseException | None = None
@@ -55,6 +56,7 @@ class WorkerPool:
             "FORECAST_KAFKA_BOOTSTRAP": self.bootstrap,
             "FORECAST_WORKER_ID": str(index),
             "FORECAST_HTTP_PORT": "0",  # each child's /metrics and /readyz on a port of its own
+            "FORECAST_INFERENCE_THREADS": str(self.threads),  # a share of the CPUs each
         }
         self.processes[index] = await asyncio.create_subprocess_exec(
             sys.executable,

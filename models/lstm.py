@@ -73,6 +73,19 @@ class LinearLSTMNet(nn.Module):
         linear = (win - mean.unsqueeze(-1)) @ self.linear + mean.unsqueeze(-1)
         return linear + std.unsqueeze(-1) * self.head(out[:, 0]), std, h[0], c[0]
 
+    def steps(
+        self, win: torch.Tensor, ts: np.ndarray, h: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """F readings in order for each of B sensors: windows (B, F, L) ending at each,
+        their times (B, F). What F calls of :meth:`step` give, in one recurrent pass."""
+        mean = win.mean(-1)
+        std = win.std(-1, unbiased=False) + EPS
+        cal = torch.as_tensor(calendar(ts), dtype=win.dtype, device=win.device)
+        inputs = torch.cat([((win[..., -1] - mean) / std).unsqueeze(-1), cal], -1)
+        out, (h, c) = self.lstm(inputs, (h.unsqueeze(0), c.unsqueeze(0)))
+        linear = (win - mean.unsqueeze(-1)) @ self.linear + mean.unsqueeze(-1)
+        return linear + std.unsqueeze(-1) * self.head(out), std, h[0], c[0]
+
 
 class LSTMForecaster:
     """The streaming side: per-sensor state is the last ``lookback`` values and (h, c)."""

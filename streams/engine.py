@@ -39,7 +39,13 @@ from forecast.options import DriftConfig
 from forecast.schemas import DriftEvent
 from forecast.tracing import TRACER
 from models.base import ModelSet, StreamingForecaster
-from models.columns import Forecasts, ModelColumns, columns_for
+from models.columns import (
+    SEQUENCE_ROUNDS,
+    Forecasts,
+    ModelColumns,
+    advance_rounds,
+    columns_for,
+)
 from streams.drift import DriftColumns
 from streams.pipeline import RawRecord, state_key
 from streams.residuals import DEFAULT_HORIZONS
@@ -101,8 +107,12 @@ class Engine:
         horizons: tuple[int, ...] = DEFAULT_HORIZONS,
         drift: DriftConfig | None = None,
         capacity: int = 1024,
+        sequence_rounds: int = SEQUENCE_ROUNDS,
     ) -> None:
+        """``sequence_rounds``: from that many rounds in a batch, the LSTM takes each
+        sensor's readings in one recurrent pass (the same forecasts up to float rounding)."""
         self.models = models
+        self.sequence_rounds = sequence_rounds
         self.limits = limits
         self.allowed_lateness = allowed_lateness
         self.load = load
@@ -391,7 +401,9 @@ class Engine:
             self.stage(f"model {forecaster.name}"),
         ):
             try:
-                results = [columns.advance(a.slot[at], a.value[at], a.ts[at]) for at in rounds]
+                results = advance_rounds(
+                    columns, a.slot, a.value, a.ts, rounds, self.sequence_rounds
+                )
             except Exception:  # a model bug must not stop the stream: fall back and count it
                 log.exception("forecaster %s v%s failed", forecaster.name, forecaster.version)
                 return None

@@ -84,3 +84,36 @@ def test_a_prediction_block_writes_the_messages_and_times_of_its_rows() -> None:
         np.arange(1, n + 1),
     )
     assert block.messages() == [orjson.dumps(p.to_message()) for p in block.rows()]
+
+
+def test_the_lstm_takes_a_batch_of_rounds_as_it_takes_them_one_by_one() -> None:
+    """Slots with full windows, slots whose windows fill within the batch, and different
+    numbers of readings each: one recurrent pass per run length equals a step per round."""
+    forecaster = lstm()
+    rng = np.random.default_rng(2)
+    one_by_one, at_once = columns_for(forecaster, 9), columns_for(forecaster, 9)
+    for columns in (one_by_one, at_once):  # slots 0-3 warm, 4-8 empty or part full
+        for t in range(10):
+            slots = np.array([0, 1, 2, 3] + ([4, 5] if t >= 6 else []))
+            columns.advance(slots, np.sin(t + slots), 1.7e9 + 3600 * t + 0 * slots)
+    readings = {slot: int(rng.integers(1, 12)) for slot in range(9)}
+    slots = np.array([s for s, n in readings.items() for _ in range(n)])
+    order = rng.permutation(len(slots))
+    slots = slots[order]
+    values = rng.normal(size=len(slots))
+    ts = 1.7e9 + 3600 * (10 + np.arange(len(slots)))
+    rank = np.zeros(len(slots), int)
+    seen: dict[int, int] = {}
+    for i, slot in enumerate(slots.tolist()):
+        rank[i] = seen[slot] = seen.get(slot, -1) + 1
+    rounds = [np.flatnonzero(rank == k) for k in range(rank.max() + 1)]
+    want = [one_by_one.advance(slots[at], values[at], ts[at]) for at in rounds]
+    got = at_once.advance_rounds(slots, values, ts, rounds)
+    assert sum(int(w.made.sum()) for w in want) > 20
+    for w, g in zip(want, got, strict=True):
+        assert np.array_equal(w.made, g.made)
+        for name in ("yhat", "lower", "upper"):
+            np.testing.assert_allclose(getattr(g, name), getattr(w, name), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(at_once.h, one_by_one.h, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(at_once.c, one_by_one.c, rtol=1e-5, atol=1e-6)
+    assert np.array_equal(at_once.window.data, one_by_one.window.data)

@@ -121,6 +121,7 @@ def test_a_shift_is_detected_retrained_compared_and_promoted(
         FORECAST_RETRAIN_COOLDOWN="0",
         FORECAST_RETRAIN_EPOCHS="1",
         FORECAST_COMPARE_RESIDUALS="500",
+        FORECAST_WS_QUEUE_SIZE="20000",  # the listener takes every prediction of the replay
     )
     try:
         drift = asyncio.run(replay_listening(system, str(shifted), "--limit", str(FIRST)))
