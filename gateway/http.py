@@ -18,11 +18,12 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import GZipMiddleware
+from starlette.staticfiles import StaticFiles
 
 from forecast import __version__
 from forecast.errors import ForecastError
 from forecast.options import Network
-from gateway.api import analysts, health, keys, registry, sensors
+from gateway.api import analysts, console, health, keys, registry, sensors
 from gateway.api.context import ApiContext
 from gateway.api.errors import GUARDED, HANDLERS, document, responses
 from gateway.guards import BodyLimit, HeadAsGet, RequestGuard, TrustedProxies, guarded_protocol
@@ -78,8 +79,10 @@ def create_app(
     )
     app.state.ctx = ctx
     app.include_router(health.router)
+    # The console's own files, from the package: no listing, no way out of the folder.
+    app.mount("/static", StaticFiles(packages=[("gateway", "static")]), name="static")
     v1 = APIRouter(prefix="/v1", responses=responses(*GUARDED))
-    for area in (sensors, analysts, registry, keys):
+    for area in (sensors, analysts, registry, keys, console):
         v1.include_router(area.router)
     app.include_router(v1)
     app.openapi = _documented(app)  # type: ignore[method-assign]

@@ -158,13 +158,17 @@ def test_the_wheel_without_extras_imports_everything_and_queries_a_running_syste
     assert "No module named 'pytest' (hidden)" in hidden.stderr, hidden.stderr
 
     every_module = (
-        "import importlib, pkgutil, forecast\n"
+        "import importlib, importlib.resources, pkgutil, forecast\n"
         "assert forecast.__file__.startswith(__import__('sys').prefix), forecast.__file__\n"
         "for top in ('forecast', 'streams', 'models', 'sinks', 'gateway', 'bench'):\n"
         "    package = importlib.import_module(top)\n"
         "    for info in pkgutil.walk_packages(package.__path__, top + '.'):\n"
         "        if info.name != 'forecast.__main__':\n"
         "            importlib.import_module(info.name)\n"
+        "static = importlib.resources.files('gateway') / 'static'\n"
+        "for name in ('index.html', 'app.js', 'style.css', 'vendor/uplot/uPlot.iife.min.js',\n"
+        "             'vendor/uplot/uPlot.min.css', 'vendor/uplot/LICENSE.txt'):\n"
+        "    assert (static / name).is_file(), name  # the console's files are in the wheel\n"
     )
     imported = run([str(bin_dir / "python"), "-c", every_module], cwd=tmp_path)
     assert imported.returncode == 0, imported.stderr[-3000:]

@@ -65,11 +65,14 @@ async def on_forecast_error(request: Request, exc: Exception) -> Response:
     return error(500, exc.code, exc.message)
 
 
+STARLETTE_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
 async def on_http_error(request: Request, exc: Exception) -> Response:
     """Starlette's 404 and 405, and the body guards' 408 and 413 (which carry a code)."""
     if not isinstance(exc, HTTPException):
         raise TypeError(f"not an HTTPException: {exc!r}")
-    code = getattr(exc, "code", "http_error")
+    code = getattr(exc, "code", None) or STARLETTE_CODES.get(exc.status_code, "http_error")
     return error(exc.status_code, code, str(exc.detail), exc.headers)
 
 
