@@ -597,6 +597,119 @@ def bench_drift(dataset: Path, detectors: str, injections: int, shift: float, sc
     )
 
 
+@command(bench, "online")
+@click.option(
+    "--dataset",
+    "datasets",
+    required=True,
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Wide CSV to replay (repeat for several).",
+)
+@click.option("--horizon", type=click.IntRange(1, 1000), default=96, show_default=True)
+@click.option("--lookback", type=click.IntRange(2, 5000), default=336, show_default=True)
+@click.option("--hidden", type=click.IntRange(1, 1024), default=64, show_default=True)
+@click.option(
+    "--train-epochs",
+    type=click.IntRange(0, 1000),
+    default=10,
+    show_default=True,
+    help="LSTM epochs, as `forecast bench accuracy` (0: its ridge start only).",
+)
+@click.option(
+    "--model-cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where trained LSTMs are kept between runs (default: ~/.cache/forecast-bench).",
+)
+@click.option(
+    "--part",
+    type=click.Choice(["test", "valid"]),
+    default="test",
+    show_default=True,
+    help="The split part replayed (valid: to choose rates without looking at test).",
+)
+@click.option(
+    "--origins", type=click.IntRange(1, 10_000_000), help="Replay the first N origins only."
+)
+@click.option(
+    "--coverage",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.9,
+    show_default=True,
+    help="Nominal coverage of the intervals.",
+)
+@click.option(
+    "--interval-rate",
+    type=click.FloatRange(0),
+    default=0.005,
+    show_default=True,
+    help="Step of each side's log width multiplier per scored pair (0: fixed intervals).",
+)
+@click.option(
+    "--bias-rate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Weight of the newest residual in the per-step bias (0: no point correction).",
+)
+@click.option(
+    "--error-clip",
+    type=click.FloatRange(0, min_open=True),
+    default=3.0,
+    show_default=True,
+    help="Residuals are clipped to this many sensor scales before they are learned.",
+)
+@click.option(
+    "--max-bias",
+    type=click.FloatRange(0),
+    default=1.0,
+    show_default=True,
+    help="The bias stays within this many sensor scales.",
+)
+@click.option(
+    "--width-bounds",
+    type=(float, float),
+    default=(0.25, 4.0),
+    show_default=True,
+    help="The width multiplier stays within these factors of the model's width.",
+)
+def bench_online(
+    datasets: tuple[Path, ...],
+    horizon: int,
+    lookback: int,
+    hidden: int,
+    train_epochs: int,
+    model_cache: Path | None,
+    part: str,
+    origins: int | None,
+    width_bounds: tuple[float, float],
+    **rates: float,
+) -> None:
+    """Replay a split in time order under delayed feedback: MSE, MAE and interval
+    coverage of the LSTM with and without online adaptation."""
+    from bench.online import OnlinePlan, command_line, run, table
+    from bench.serving import DEFAULT_CACHE
+    from models.online import OnlineConfig
+
+    settings_from_env()
+    config = OnlineConfig(horizon, min_width=width_bounds[0], max_width=width_bounds[1], **rates)
+    cache = model_cache or DEFAULT_CACHE
+    plans = [
+        OnlinePlan(data, train_epochs, cache, lookback, horizon, hidden, part, origins)
+        for data in datasets
+    ]
+    reports = [run(plan, config, lambda line: click.echo(line, err=True)) for plan in plans]
+    click.echo(
+        f"\nLSTM (lookback {lookback}, hidden {hidden}, {train_epochs} epochs), horizon "
+        f"{horizon}, {part} split replayed in time order; a forecast learns only from "
+        "actuals that existed when it was issued"
+    )
+    for line in table(reports, config):
+        click.echo(line)
+    click.echo(machine())
+    click.echo(f"command: {command_line(plans, config, model_cache is not None)}")
+
+
 def _serving_options(fn):
     """What serves in a bench: the LSTM (trained once, cached) or the baseline alone."""
     options = [
