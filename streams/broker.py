@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
+import signal
 import socket
+import sys
 import time
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -15,6 +18,7 @@ from forecast.errors import BrokerError
 from forecast.settings import Settings
 
 log = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 TOPICS = (
     "readings",
@@ -25,6 +29,15 @@ TOPICS = (
     "store.predictions",
     "store.drift_events",
 )
+
+
+def _die_with_parent() -> None:
+    """In the broker's process, before it runs tansu: on Linux the kernel kills it when
+    the process that started it dies, even of SIGKILL (a killed ``forecast up`` or
+    benchmark left tansu running, holding a port and CPU)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class EmbeddedBroker:
@@ -60,6 +73,7 @@ class EmbeddedBroker:
             "memory://tansu/",
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
+            preexec_fn=_die_with_parent,
         )
         try:
             await wait_until_ready(self.bootstrap, self.ready_timeout, self.process)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,3 +91,35 @@ def test_query_opens_the_embedded_store_when_nothing_runs(tmp_path: Path) -> Non
     refused = run_cli("query", f"SELECT 1 INTO OUTFILE '{outfile}'", env=env)
     assert refused.returncode == 1 and "INTO OUTFILE" in refused.stderr
     assert not outfile.exists()
+
+
+def test_the_embedded_broker_dies_with_a_killed_parent(tmp_path: Path) -> None:
+    """``forecast broker`` killed by SIGKILL (no cleanup runs) takes tansu with it."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "forecast", "broker"],
+        env=base_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert "kafka: " in process.stdout.readline()
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        assert len(children) == 1
+        tansu = int(children[0])
+        assert "tansu" in Path(f"/proc/{tansu}/cmdline").read_text()
+    finally:
+        process.kill()
+        process.wait(10)
+        process.stdout.close()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{tansu}").exists() and "Z" not in _state(tansu):
+        assert time.monotonic() < deadline, "tansu outlived its parent"
+        time.sleep(0.1)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
