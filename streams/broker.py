@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
@@ -31,13 +32,25 @@ TOPICS = (
 )
 
 
+def _libc_prctl() -> Callable[..., int] | None:
+    """prctl(2), resolved here (not in a forked child, where loading could deadlock)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _libc_prctl()
+
+
 def _die_with_parent() -> None:
-    """In the broker's process, before it runs tansu: on Linux the kernel kills it when
-    the process that started it dies, even of SIGKILL (a killed ``forecast up`` or
+    """In the broker's process, before it runs tansu: the kernel kills it when the
+    process that started it dies, even of SIGKILL (a killed ``forecast up`` or
     benchmark left tansu running, holding a port and CPU)."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class EmbeddedBroker:
