@@ -21,6 +21,7 @@ import time
 
 from forecast.errors import ForecastError
 from forecast.settings import Settings
+from models.serving import cpu_share
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class WorkerPool:
         self.settings = settings
         self.bootstrap = bootstrap
         self.count = count
-        self.threads = settings.inference_threads or max(1, (os.cpu_count() or 1) // count)
+        self.threads = cpu_share(settings.inference_threads, count)
         self.processes: dict[int, asyncio.subprocess.Process] = {}
         self.failed = asyncio.Event()
         self.failure: BaseException | None = None

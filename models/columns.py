@@ -316,11 +316,11 @@ class LSTMColumns:
         owner = slots[positions]
         starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
         lengths = np.diff(np.r_[starts, len(owner)])
+        device = model.device
         for length in np.unique(lengths).tolist():
             first = starts[lengths == length]
             at = positions[first[:, None] + np.arange(length)]  # (sensors, length)
             group = owner[first]
-            device = model.device
             h = torch.from_numpy(self.h[group]).to(device)
             c = torch.from_numpy(self.c[group]).to(device)
             win = torch.from_numpy(windows[at]).to(device)

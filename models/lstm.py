@@ -65,13 +65,8 @@ class LinearLSTMNet(nn.Module):
         self, win: torch.Tensor, ts: np.ndarray, h: torch.Tensor, c: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One reading for each of B sensors: windows (B, L) ending at the new value."""
-        mean = win.mean(-1)
-        std = win.std(-1, unbiased=False) + EPS
-        cal = torch.as_tensor(calendar(ts), dtype=win.dtype)
-        inputs = torch.cat([((win[:, -1] - mean) / std).unsqueeze(-1), cal], -1).unsqueeze(1)
-        out, (h, c) = self.lstm(inputs, (h.unsqueeze(0), c.unsqueeze(0)))
-        linear = (win - mean.unsqueeze(-1)) @ self.linear + mean.unsqueeze(-1)
-        return linear + std.unsqueeze(-1) * self.head(out[:, 0]), std, h[0], c[0]
+        yhat, std, h, c = self.steps(win.unsqueeze(1), np.asarray(ts)[:, None], h, c)
+        return yhat[:, 0], std[:, 0], h, c
 
     def steps(
         self, win: torch.Tensor, ts: np.ndarray, h: torch.Tensor, c: torch.Tensor

@@ -28,12 +28,17 @@ def pick_device(wanted: str = "auto") -> str:
     return wanted
 
 
+def cpu_share(threads: int, processes: int = 1) -> int:
+    """``threads``, or with 0 one process's share of the CPUs among ``processes`` (at
+    least one). Several processes each running as many threads as there are CPUs wait on
+    each other's time slices in every parallel op: two workers on 2 CPUs took 25 s
+    instead of 0.3 s for a replay's batch."""
+    return threads or max(1, (os.cpu_count() or 1) // max(1, processes))
+
+
 def share_cpus(threads: int, processes: int = 1) -> int:
-    """Set torch's CPU threads for inference: ``threads``, or with 0 this process's share
-    of the CPUs among ``processes`` (at least one). Several processes each running as many
-    threads as there are CPUs wait on each other's time slices in every parallel op: two
-    workers on 2 CPUs took 25 s instead of 0.3 s for a replay's batch. Returns the count."""
-    count = threads or max(1, (os.cpu_count() or 1) // max(1, processes))
+    """Set torch's CPU threads for inference to :func:`cpu_share`; returns the count."""
+    count = cpu_share(threads, processes)
     torch.set_num_threads(count)
     return count
 
