@@ -36,9 +36,10 @@ def cpu_share(threads: int, processes: int = 1) -> int:
     return threads or max(1, (os.cpu_count() or 1) // max(1, processes))
 
 
-def share_cpus(threads: int, processes: int = 1) -> int:
-    """Set torch's CPU threads for inference to :func:`cpu_share`; returns the count."""
-    count = cpu_share(threads, processes)
+def share_cpus(threads: int) -> int:
+    """Set torch's CPU threads for inference to :func:`cpu_share` of this one process
+    (``forecast up --workers N`` hands each child its share); returns the count."""
+    count = cpu_share(threads)
     torch.set_num_threads(count)
     return count
 
