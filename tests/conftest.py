@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+import httpx
 import pytest
 
 if TYPE_CHECKING:
@@ -181,3 +182,12 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
     opened = Store.open(load_settings(data_dir=tmp_path_factory.mktemp("store")))
     yield opened
     opened.close()
+
+
+def wait_for_model(system: System, version: int, stage: str) -> None:
+    """Until the worker serves lstm ``version`` as ``stage`` (its model metric says so)."""
+    pattern = rf'forecast_model_info{{name="lstm",stage="{stage}",version="{version}"}} 1.0'
+    deadline = time.monotonic() + 20
+    while not re.search(pattern, httpx.get(f"{system.http}/metrics").text):
+        assert time.monotonic() < deadline, f"lstm v{version} never became {stage}"
+        time.sleep(0.2)

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from tests.conftest import ETTH1, System, base_env, start_system
+from tests.conftest import ETTH1, System, base_env, start_system, wait_for_model
 
 pytestmark = pytest.mark.integration
 
@@ -418,6 +418,7 @@ def test_an_operator_promotes_from_the_leaderboard_and_the_stream_switches(
     page.click("#confirm-ok")
     page.wait_for_selector(f"{row}[data-stage='production']")
     assert stages()[("lstm", 1)] == "production"
+    wait_for_model(console.system, 1, "production")  # the worker serves it: then replay
     console.replay("--start", str(FIRST + 1), "--limit", "30")
     served = wait_until(
         "an LSTM forecast",

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Iterator
 
-import httpx
 import numpy as np
 import pytest
 import torch
 
 from models.data import load_wide_csv
 from models.registry import Registry
-from tests.conftest import ETTH1, System, base_env, run_cli, start_system
+from tests.conftest import ETTH1, System, base_env, run_cli, start_system, wait_for_model
 
 pytestmark = pytest.mark.integration
 
@@ -57,14 +55,6 @@ def wait_for(system: System, sql: str, expected: object, within: float = 60) -> 
         if rows == expected or time.monotonic() > deadline:
             return rows
         time.sleep(0.5)
-
-
-def wait_for_model(system: System, version: int, stage: str) -> None:
-    pattern = rf'forecast_model_info{{name="lstm",stage="{stage}",version="{version}"}} 1.0'
-    deadline = time.monotonic() + 20
-    while not re.search(pattern, httpx.get(f"{system.http}/metrics").text):
-        assert time.monotonic() < deadline, f"lstm v{version} never became {stage}"
-        time.sleep(0.2)
 
 
 def test_live_forecasts_equal_the_offline_evaluation(served: System) -> None:
