@@ -100,6 +100,13 @@ class Settings(BaseSettings):
     )
 
     residual_horizons: str = Field("1,6,24", description="forecast steps scored online")
+    online_interval_rate: float = Field(
+        0.005, ge=0, le=1, description="online interval adaptation per scored step; 0: off"
+    )
+    online_bias_rate: float = Field(
+        0.0, ge=0, le=1, description="online point correction per scored step; 0: off"
+    )
+    online_coverage: float = Field(0.9, gt=0, lt=1, description="intervals' nominal coverage")
 
     # Drift and the retraining loop
     drift_detectors: str = Field("adwin,page_hinkley", description="adwin, page_hinkley, kswin")

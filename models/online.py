@@ -119,12 +119,32 @@ class OnlineAdapter:
         self.scale[rows] = scale
 
     def apply(
-        self, rows: np.ndarray, point: np.ndarray, lower: np.ndarray, upper: np.ndarray
+        self,
+        rows: np.ndarray,
+        point: np.ndarray,
+        lower: np.ndarray,
+        upper: np.ndarray,
+        knots: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Corrected (point, lower, upper) of forecasts (n, H) just issued for ``rows``."""
+        """Corrected (point, lower, upper) of forecasts (n, H) just issued for ``rows``.
+
+        ``knots`` (H, K): each forecast step's weights over the K learned columns, for an
+        adapter that learns at a few tracked steps and interpolates between them (see
+        :func:`knot_weights`); None: step ``h`` is column ``h``."""
         rows = np.asarray(rows)
-        steps = np.arange(self.config.horizon)
-        return self._corrected(rows[:, None], steps[None, :], point, lower, upper)
+
+        def at(learned: np.ndarray) -> np.ndarray:
+            if knots is None:
+                return learned[rows]
+            # Not a matrix product: BLAS may round differently for another number of rows,
+            # and a sensor's forecasts must not depend on which others share its batch.
+            return np.sum(learned[rows][:, None, :] * knots[None], axis=-1)
+
+        floor = _FLOOR * self.scale[rows][:, None]
+        below = np.maximum(point - lower, floor) * np.exp(at(self.log_lower))
+        above = np.maximum(upper - point, floor) * np.exp(at(self.log_upper))
+        centre = point + at(self.bias)
+        return centre, centre - below, centre + above
 
     def update(
         self,
@@ -156,20 +176,6 @@ class OnlineAdapter:
         self._learn_intervals(rows, steps, lower, upper, actual)
         self._learn_bias(rows, steps, point, actual)
         np.add.at(self.pairs, rows, 1)
-
-    def _corrected(
-        self,
-        rows: np.ndarray,
-        steps: np.ndarray,
-        point: np.ndarray,
-        lower: np.ndarray,
-        upper: np.ndarray,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        floor = _FLOOR * self.scale[rows]
-        below = np.maximum(point - lower, floor) * np.exp(self.log_lower[rows, steps])
-        above = np.maximum(upper - point, floor) * np.exp(self.log_upper[rows, steps])
-        centre = point + self.bias[rows, steps]
-        return centre, centre - below, centre + above
 
     def _learn_intervals(self, rows, steps, lower, upper, actual) -> None:
         config = self.config
@@ -224,6 +230,15 @@ class OnlineAdapter:
         """Forget what these rows learned (scale 1, no correction)."""
         for name in _STATE:
             getattr(self, name)[rows] = 1 if name == "scale" else 0
+
+
+def knot_weights(knots: tuple[int, ...], horizon: int) -> np.ndarray:
+    """(horizon, K) weights that interpolate values learned at the steps ``knots``
+    (1-based, increasing) to every step 1..``horizon``: linear between two knots,
+    the nearest knot's value before the first and after the last."""
+    steps = np.arange(1, horizon + 1, dtype=float)
+    eye = np.eye(len(knots))
+    return np.stack([np.interp(steps, knots, eye[j]) for j in range(len(knots))], axis=1)
 
 
 class Pending:

@@ -46,11 +46,13 @@ from models.columns import (
     advance_rounds,
     columns_for,
 )
+from models.online import OnlineConfig
+from streams.adaptation import AdaptationColumns
 from streams.drift import DriftColumns
 from streams.pipeline import RawRecord, state_key
 from streams.residuals import DEFAULT_HORIZONS
 from streams.scoring import ScoreColumns, Scored
-from streams.slots import SensorSlots
+from streams.slots import SensorSlots, rank_within
 from streams.snapshots import pack
 from streams.validate import Limits, Rejection, parse_records
 
@@ -108,9 +110,13 @@ class Engine:
         drift: DriftConfig | None = None,
         capacity: int = 1024,
         sequence_rounds: int = SEQUENCE_ROUNDS,
+        online: OnlineConfig | None = None,
     ) -> None:
         """``sequence_rounds``: from that many rounds in a batch, the LSTM takes each
-        sensor's readings in one recurrent pass (the same forecasts up to float rounding)."""
+        sensor's readings in one recurrent pass (the same forecasts up to float rounding).
+        ``online``: adapt each served model's forecasts per sensor as their actuals arrive
+        (:mod:`streams.adaptation`); None: published as the models make them."""
+        self.online_config = online
         self.models = models
         self.sequence_rounds = sequence_rounds
         self.limits = limits
@@ -122,6 +128,7 @@ class Engine:
         self.slots = SensorSlots(capacity, on_grow=self._grow)
         self.columns: dict[str, ModelColumns] = {}  # model key -> its states
         self.scores: dict[str, ScoreColumns] = {}  # model key -> its pending steps
+        self.adaptations: dict[str, AdaptationColumns] = {}  # model key -> its corrections
         self.seconds: Counter = Counter()  # stage -> seconds spent, since the start
 
     @contextlib.contextmanager
@@ -142,7 +149,7 @@ class Engine:
 
     def _owners(self) -> list:
         """Every holder of per-slot arrays besides the slots themselves."""
-        owners = [*self.columns.values(), *self.scores.values()]
+        owners = [*self.columns.values(), *self.scores.values(), *self.adaptations.values()]
         return owners if self.drift is None else [*owners, self.drift]
 
     def _model(self, forecaster: StreamingForecaster) -> ModelColumns:
@@ -158,6 +165,15 @@ class Engine:
             scores = self.scores[key] = ScoreColumns(self.horizons, capacity=self.slots.capacity)
         return scores
 
+    def _adaptation(self, key: str) -> AdaptationColumns | None:
+        if self.online_config is None:
+            return None
+        adaptation = self.adaptations.get(key)
+        if adaptation is None:
+            adaptation = AdaptationColumns(self.online_config, self.horizons, self.slots.capacity)
+            self.adaptations[key] = adaptation
+        return adaptation
+
     def _serve(self, models: ModelSet) -> None:
         """Forget the states of models that no longer serve (a swap, a rollback)."""
         serving = {state_key(m) for m in models.serving()}
@@ -165,6 +181,8 @@ class Engine:
             del self.columns[key]
         for key in self.scores.keys() - serving:
             del self.scores[key]
+        for key in self.adaptations.keys() - serving:
+            del self.adaptations[key]
         for forecaster in models.serving():
             self._model(forecaster)
 
@@ -173,7 +191,7 @@ class Engine:
         detectors (in memory only) start afresh for new slots only."""
         fresh = np.asarray(slots, np.int64)
         self.slots.reset(fresh)
-        for owner in (*self.columns.values(), *self.scores.values()):
+        for owner in (*self.columns.values(), *self.scores.values(), *self.adaptations.values()):
             owner.reset(fresh)
         if self.drift is not None and allocated:
             self.drift.reset(np.asarray(allocated, np.int64))
@@ -195,6 +213,10 @@ class Engine:
                 self.columns[key].from_doc(slot, state)
         for key, entry in doc.get("residuals", {}).items():
             self._score(key).from_doc(slot, entry)
+        for key, entry in doc.get("online", {}).items():
+            adaptation = self._adaptation(key)
+            if adaptation is not None:
+                adaptation.from_doc(slot, entry)
 
     def snapshot(self, sensor_id: str) -> bytes:
         """A sensor's state (:func:`streams.snapshots.pack` of the document that
@@ -209,6 +231,7 @@ class Engine:
         slots = np.asarray([s.slot_of[sensor_id] for sensor_id in sensor_ids], np.int64)
         models = {key: columns.to_docs(slots) for key, columns in self.columns.items()}
         scores = {key: scores.to_docs(slots) for key, scores in self.scores.items()}
+        online = {key: adapted.to_docs(slots) for key, adapted in self.adaptations.items()}
         recent = s.recent[slots]
         out = []
         for i, (last_ts, step, seq, partition, offset) in enumerate(
@@ -228,6 +251,7 @@ class Engine:
                 "models": {key: docs[i] for key, docs in models.items()},
                 "recent": recent[i][~np.isnan(recent[i])],
                 "residuals": {key: docs[i] for key, docs in scores.items()},
+                "online": {key: docs[i] for key, docs in online.items()},
                 "source": None if partition < 0 else [partition, offset],
             }
             out.append(pack(doc))
@@ -328,7 +352,7 @@ class Engine:
         step = acc_ts - before[newest]  # NaN for a first reading
         previous_step = s.step[acc_slots]
         step = np.where(np.isnan(step), previous_step, step)
-        rounds = _rank_within(acc_slots)
+        rounds = rank_within(acc_slots)
         admitted = Admitted(accepted, acc_slots, acc_ts, parsed.value[accepted], step, rounds)
         self._observe_times(admitted)
         return admitted, live[within]
@@ -421,6 +445,9 @@ class Engine:
             scored = self.scores[key].observe(a.slot[at], a.ts[at], a.value[at])
             if not len(scored):
                 continue
+            adaptation = self._adaptation(key)
+            if adaptation is not None:
+                adaptation.learn(a.slot[at], scored)
             name, version = key.rsplit("@", 1)
             out.residuals.append(ScoredBatch(name, int(version), _reindex(scored, a.position[at])))
             production = np.asarray(scored.stage_names)[scored.stage] == "production"
@@ -491,6 +518,11 @@ class Engine:
         yhat = np.where(pick_main[:, None], _or(main, "yhat", rows), base.yhat[rows])
         lower = np.where(pick_main[:, None], _or(main, "lower", rows), base.lower[rows])
         upper = np.where(pick_main[:, None], _or(main, "upper", rows), base.upper[rows])
+        for forecaster, mask in ((models.production, pick_main), (models.baseline, ~pick_main)):
+            adaptation = None if forecaster is None else self._adaptation(state_key(forecaster))
+            if adaptation is not None and mask.any():
+                corrected = adaptation.apply(slots[mask], yhat[mask], lower[mask], upper[mask])
+                yhat[mask], lower[mask], upper[mask] = corrected
         names = [(models.production if m else models.baseline) for m in pick_main.tolist()]
         ids = [self.slots.ids[slot] for slot in slots.tolist()]
         block = PredictionBlock(
@@ -530,6 +562,10 @@ class Engine:
         if len(rows) == 0:
             return None
         slots = a.slot[at][rows]
+        yhat, lower, upper = forecasts.yhat[rows], forecasts.lower[rows], forecasts.upper[rows]
+        adaptation = self._adaptation(state_key(model))
+        if adaptation is not None:
+            yhat, lower, upper = adaptation.apply(slots, yhat, lower, upper)
         block = PredictionBlock(
             [self.slots.ids[slot] for slot in slots.tolist()],
             a.ts[at][rows],
@@ -537,9 +573,9 @@ class Engine:
             [model.name] * len(rows),
             np.full(len(rows), model.version, np.int64),
             a.step[at][rows],
-            forecasts.yhat[rows],
-            forecasts.lower[rows],
-            forecasts.upper[rows],
+            yhat,
+            lower,
+            upper,
             self.slots.seq[slots].copy(),
             "shadow",
         )
@@ -613,21 +649,6 @@ def _previous_max(slots: np.ndarray, ts: np.ndarray, last_ts: np.ndarray) -> np.
     batch_max = np.where(earlier_rank >= 0, values[np.maximum(earlier_rank, 0)], np.nan)
     out = np.empty(n)
     out[order] = np.fmax(batch_max, last_ts[order])
-    return out
-
-
-def _rank_within(slots: np.ndarray) -> np.ndarray:
-    """How many earlier entries have the same slot (0 for the first)."""
-    n = len(slots)
-    if n == 0:
-        return np.zeros(0, np.int64)
-    order = np.lexsort((np.arange(n), slots))
-    sorted_slots = slots[order]
-    starts = np.concatenate([[True], sorted_slots[1:] != sorted_slots[:-1]])
-    index = np.arange(n)
-    start_of = np.maximum.accumulate(np.where(starts, index, 0))
-    out = np.empty(n, np.int64)
-    out[order] = index - start_of
     return out
 
 

@@ -131,3 +131,18 @@ class SensorSlots:
             bisect.insort(recent, ts)
             self.set_recent(slot, recent)
         return newer, replace
+
+
+def rank_within(slots: np.ndarray) -> np.ndarray:
+    """How many earlier entries have the same slot (or key; 0 for the first)."""
+    n = len(slots)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    order = np.lexsort((np.arange(n), slots))
+    sorted_slots = slots[order]
+    starts = np.concatenate([[True], sorted_slots[1:] != sorted_slots[:-1]])
+    index = np.arange(n)
+    start_of = np.maximum.accumulate(np.where(starts, index, 0))
+    out = np.empty(n, np.int64)
+    out[order] = index - start_of
+    return out

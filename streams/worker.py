@@ -62,6 +62,7 @@ from forecast.kafka import DirectTransport, committed_offset, send_many
 from forecast.schemas import DriftEvent
 from forecast.settings import Settings
 from forecast.tracing import TRACER
+from models.online import OnlineConfig
 from sinks.batches import STORE_RECORD_BYTES, block_tables, encode_chunks
 from streams import snapshots
 from streams.engine import BatchOutput, Engine
@@ -163,6 +164,7 @@ class Worker:
             self._load_state,
             horizons=settings.horizons,
             drift=settings.drift_config(),
+            online=online_config(settings),
         )
         self.on_drift: Callable[[list[DriftEvent]], None] | None = None  # the retrain loop
         self.readings = settings.topic("readings")
@@ -622,6 +624,18 @@ async def with_backoff(
             log.warning("%s failed, retrying in %.1fs: %s", what, delay, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_BACKOFF)
+
+
+def online_config(settings: Settings) -> OnlineConfig | None:
+    """How served forecasts adapt as their actuals arrive (FORECAST_ONLINE_*); None: not."""
+    if settings.online_interval_rate == 0 and settings.online_bias_rate == 0:
+        return None
+    return OnlineConfig(
+        horizon=len(settings.horizons),
+        coverage=settings.online_coverage,
+        interval_rate=settings.online_interval_rate,
+        bias_rate=settings.online_bias_rate,
+    )
 
 
 def crashed_service(app: faust.App) -> str | None:
