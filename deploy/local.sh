@@ -54,7 +54,9 @@ case "${1:-}" in
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .
     "$VENV/bin/lint-imports"  # the one-way layers (pyproject.toml, [tool.importlinter])
-    exec "$VENV/bin/python" -m pytest "$@"
+    # Line coverage of the product packages, the processes the tests start included
+    # (pyproject.toml, [tool.coverage.*]).
+    exec "$VENV/bin/python" -m pytest --cov --cov-report=term "$@"
     ;;
   *)
     echo "usage: bash deploy/local.sh up [options] | test [pytest options]" >&2

@@ -16,7 +16,7 @@ from typing import Any, BinaryIO
 import click
 import orjson
 
-from forecast import cli_models
+from forecast import cli_audit, cli_backup, cli_forecast, cli_models, cli_webhooks
 from forecast.cli_common import command
 from forecast.cli_common import settings_from_env as _settings
 from forecast.errors import ForecastError
@@ -312,7 +312,7 @@ def _through_store(
             store.close()
     import httpx
 
-    headers = {"Authorization": f"Bearer {running.token}"}
+    headers = {"Authorization": f"Bearer {running.token}", **cli_audit.actor_header()}
     try:
         with httpx.Client(base_url=running.url, headers=headers, timeout=timeout + 5) as client:
             response = remote(client, running)
@@ -331,12 +331,18 @@ def _raise_answer(response: Any) -> None:
 
 
 def _run_query(settings: Settings, sql: str, max_rows: int, timeout: float) -> Any:
+    from sinks.audit import sql_detail
     from sinks.query import QueryLimits, QueryResult, run_readonly
 
     limits = QueryLimits.from_settings(settings, max_rows=max_rows, timeout=timeout)
+
+    def local(store: Any) -> QueryResult:
+        with cli_audit.audited(settings, "query", "sql", store, **sql_detail(sql)):
+            return run_readonly(store, sql, limits)
+
     result = _through_store(
         settings,
-        lambda store: run_readonly(store, sql, limits),
+        local,
         lambda client, _: client.post(
             "/v1/query", json={"sql": sql, "max_rows": min(max_rows, 10_000)}
         ),
@@ -391,6 +397,13 @@ def export_cmd(
     settings = _settings()
     params = {"what": what, "sensors": sensors, "format": fmt}
     params.update({k: v for k, v in (("from", start), ("to", stop)) if v})
+
+    def local(store: Any) -> int:
+        detail = {k: v for k, v in params.items() if k != "what"}
+        with cli_audit.audited(settings, "export", what, store, **detail):
+            chunks = export(store, wanted, None, settings.export_max_rows, settings.export_timeout)
+        return _write_chunks(chunks, sink)
+
     with contextlib.ExitStack() as stack:
         sink = (
             click.get_binary_stream("stdout")
@@ -399,10 +412,7 @@ def export_cmd(
         )
         written = _through_store(
             settings,
-            lambda store: _write_chunks(
-                export(store, wanted, None, settings.export_max_rows, settings.export_timeout),
-                sink,
-            ),
+            local,
             lambda client, _: _download(client, "/v1/export", params, sink),
             settings.export_timeout,
         )
@@ -471,9 +481,13 @@ def keys() -> None:
 )
 def keys_create(role: str, name: str, scopes: tuple[str, ...]) -> None:
     """Create a key and print it once (only its hash is stored)."""
-    from forecast.runtime import key_store
+    from gateway.auth import KeyStore
 
-    key_id, token = key_store(_settings()).create(role, name, scopes or ("*",))
+    settings = _settings()
+    scopes = scopes or ("*",)
+    with cli_audit.audited(settings, "keys.create", role=role, name=name, scopes=scopes) as noted:
+        key_id, token = KeyStore.of(settings.data_dir).create(role, name, scopes)
+        noted["target"] = key_id
     click.echo(
         f"key id: {key_id}\nrole:   {role}\ntoken:  {token}\n"
         "The token is shown only now; store it safely."
@@ -483,9 +497,9 @@ def keys_create(role: str, name: str, scopes: tuple[str, ...]) -> None:
 @command(keys, "list")
 def keys_list() -> None:
     """List keys (never their secrets)."""
-    from forecast.runtime import key_store
+    from gateway.auth import KeyStore
 
-    for info in key_store(_settings()).list():
+    for info in KeyStore.of(_settings().data_dir).list():
         created = datetime.fromtimestamp(info.created_at, UTC).isoformat(timespec="seconds")
         state = "revoked" if info.revoked_at else "active"
         click.echo(
@@ -498,12 +512,24 @@ def keys_list() -> None:
 @click.argument("key_id")
 def keys_revoke(key_id: str) -> None:
     """Revoke a key by its id."""
-    from forecast.runtime import key_store
+    from gateway.auth import KeyStore
 
-    if not key_store(_settings()).revoke(key_id):
-        raise ForecastError(f"no active key {key_id!r}")
+    settings = _settings()
+    with cli_audit.audited(settings, "keys.revoke", key_id) as noted:
+        if not KeyStore.of(settings.data_dir).revoke(key_id):
+            noted["result"] = "not_found"
+            raise ForecastError(f"no active key {key_id!r}")
     click.echo(f"revoked {key_id}")
 
 
-for _commands in (cli_models.train, cli_models.models, cli_models.bench):
+for _commands in (
+    cli_models.train,
+    cli_models.models,
+    cli_models.bench,
+    cli_backup.backup,
+    cli_backup.restore,
+    cli_webhooks.webhooks,
+    cli_forecast.forecast,
+    cli_audit.audit,
+):
     main.add_command(_commands)

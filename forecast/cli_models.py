@@ -439,8 +439,13 @@ def models_importances(name: str, version: int) -> None:
 )
 def models_promote(name: str, version: int, stage: str) -> None:
     """Make a version serve (running workers switch within seconds)."""
-    registry = _registry()
-    registry.promote(name, version, stage)
+    from forecast.cli_audit import audited
+    from models.registry import Registry
+
+    settings = settings_from_env()
+    registry = Registry(settings.models_dir)
+    with audited(settings, "models.promote", f"{name} v{version}", stage=stage):
+        registry.promote(name, version, stage)
     click.echo(f"{name} v{version} is now {stage}")
     _warn_warm_up(registry.meta(name, version), stage)
 
@@ -451,7 +456,13 @@ def models_promote(name: str, version: int, stage: str) -> None:
 )
 def models_rollback(stage: str) -> None:
     """Return a stage to the version it had before."""
-    ref = _registry().rollback(stage)
+    from forecast.cli_audit import audited
+    from models.registry import Registry
+
+    settings = settings_from_env()
+    with audited(settings, "models.rollback", stage) as noted:
+        ref = Registry(settings.models_dir).rollback(stage)
+        noted["detail"].update(name=ref.name, version=ref.version)
     click.echo(f"{stage} is back to {ref.name} v{ref.version}")
 
 
@@ -928,6 +939,83 @@ def bench_latency(
         f"{seconds:g} --workers {workers}"
         + _serving_args(model, train_data, train_epochs, model_cache)
     )
+
+
+@command(bench, "api")
+@click.option(
+    "--duration",
+    type=click.FloatRange(0.5, 3600),
+    default=20.0,
+    show_default=True,
+    help="Seconds per scenario.",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(1, 100_000),
+    default=1000.0,
+    show_default=True,
+    help="Readings/s of the stream running beside the load.",
+)
+@click.option("--sensors", type=click.IntRange(1, 1_000_000), default=1000, show_default=True)
+@click.option(
+    "--scenarios",
+    default="latest,history,forecast,batch",
+    show_default=True,
+    help="Comma-separated, run in this order.",
+)
+@click.option(
+    "--scale",
+    type=click.FloatRange(0.001, 100),
+    default=1.0,
+    show_default=True,
+    help="Times every scenario's request rate.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Worker processes of the started system (1: inside it, as `forecast up`).",
+)
+@click.option("--url", help="An API already running (then no system is started).")
+@click.option("--key", help="Its API key (viewer role at least), with --url.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead.")
+def bench_api(
+    duration: float,
+    rate: float,
+    sensors: int,
+    scenarios: str,
+    scale: float,
+    workers: int,
+    url: str | None,
+    key: str | None,
+    as_json: bool,
+) -> None:
+    """The HTTP API under an open-loop load: requests/s and p50/p95/p99 per scenario."""
+    import asyncio
+
+    from bench.api import Plan, parse_scenarios, run, table
+
+    settings_from_env()
+    if key is not None and url is None:
+        raise ForecastError("--key goes with --url")
+    plan = Plan(parse_scenarios(scenarios), duration, rate, sensors, scale, url, key, workers)
+    results = asyncio.run(run(plan, lambda line: click.echo(line, err=True)))
+    given = f" --url {url}" if url else f" --rate {rate:g} --sensors {sensors} --workers {workers}"
+    line = (
+        f"forecast bench api --duration {duration:g} --scenarios {scenarios} "
+        f"--scale {scale:g}{given}"
+    )
+    stream = "an existing system" if url else f"{rate:g} readings/s over {sensors} sensors"
+    if as_json:
+        out = {"stream": stream, "scenarios": [r.to_json() for r in results]}
+        click.echo(orjson.dumps({**out, "machine": machine(), "command": line}).decode())
+        return
+    click.echo(f"HTTP API under open-loop load, {duration:g}s per scenario, stream: {stream}")
+    for row in table(results):
+        click.echo(row)
+    click.echo(machine())
+    click.echo(f"command: {line}")
 
 
 @command(bench, "restore")

@@ -9,7 +9,12 @@ ForecastError
 │                      its code names what (``sql_into_outfile``, ``sql_table``, ...)
 ├── AuthError          missing, unknown, revoked or insufficient credentials
 ├── WorkerStalled      the worker made no progress for FORECAST_STALL_EXIT (streams.liveness)
-└── ModelError         a model artifact is corrupt, incompatible or failed at inference
+├── WebhookError       a webhook refused: bad URL, a non-public target, unknown id, limit
+├── BackupError        a backup or restore refused: tampered, partial, unsafe paths, a
+│                      target not empty, a store owned by a running process
+├── ModelError         a model artifact is corrupt, incompatible or failed at inference
+└── ForecastRequestError  an on-demand forecast refused: unknown sensor or model, a series
+                       too long, an override the model cannot take, a bad horizon
 """
 
 from __future__ import annotations
@@ -61,3 +66,23 @@ class AuthError(ForecastError):
 
 class ModelError(ForecastError):
     code = "model_error"
+
+
+class WebhookError(ForecastError):
+    code = "bad_webhook"
+
+    def __init__(self, message: str, *, code: str = "bad_webhook") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class BackupError(ForecastError):
+    code = "backup_failed"
+
+
+class ForecastRequestError(ForecastError):
+    code = "bad_forecast_request"
+
+    def __init__(self, message: str, *, code: str = "bad_forecast_request") -> None:
+        super().__init__(message)
+        self.code = code

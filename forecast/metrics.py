@@ -148,6 +148,37 @@ SINK_REJECTED = Counter(
     registry=REGISTRY,
 )
 WS_CONNECTIONS = Gauge("forecast_ws_connections", "Open websocket connections.", registry=REGISTRY)
+AUDIT_RECORDS = Counter(
+    "forecast_audit_records",
+    "Audit records written, by action and result (ok, error).",
+    ["action", "result"],
+    registry=REGISTRY,
+)
+AUDIT_FAILURES = Counter(
+    "forecast_audit_failures",
+    "Audit records that could not be written (the act itself stood; see the log).",
+    registry=REGISTRY,
+)
+WEBHOOK_DELIVERIES = Counter(
+    "forecast_webhook_deliveries",
+    "Webhook delivery attempts by result (delivered, failed, gave_up, refused).",
+    ["result"],
+    registry=REGISTRY,
+)
+WEBHOOK_SECONDS = Histogram(
+    "forecast_webhook_seconds",
+    "Time of one webhook delivery attempt, to the receiver's answer.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+WEBHOOK_PAUSES = Counter(
+    "forecast_webhook_pauses",
+    "Webhook endpoints paused after failing FORECAST_WEBHOOK_PAUSE_AFTER times in a row.",
+    registry=REGISTRY,
+)
+WEBHOOK_PAUSED = Gauge(
+    "forecast_webhook_endpoints_paused", "Webhook endpoints paused now.", registry=REGISTRY
+)
 WS_MESSAGES = Counter(
     "forecast_ws_messages", "Websocket messages sent, by type.", ["type"], registry=REGISTRY
 )

@@ -30,16 +30,21 @@ from forecast.settings import Settings
 from forecast.workers import WorkerPool
 from gateway.auth import Authenticator, JwtVerifier, KeyStore
 from gateway.feed import Feed
+from gateway.forecasts import OnDemand
 from gateway.history import missed
 from gateway.http import ApiContext, HttpServer, create_app
 from gateway.hub import Hub
+from gateway.webhooks import Dispatcher
 from gateway.ws import StreamServer
 from models.registry import Registry
 from models.serving import ModelWatcher, pick_device, share_cpus
 from sinks import owner
+from sinks.backup_schedule import run_schedule
 from sinks.clickhouse import Store
 from sinks.consumer import Sink
 from sinks.query import QueryLimits
+from sinks.webhooks import WebhookStore, decision_event, drift_event
+from streams.alerts import StallAlerts
 from streams.broker import EmbeddedBroker, ensure_topics, wait_until_ready
 from streams.retrain import DriftListener, Retrainer
 from streams.worker import Worker
@@ -62,7 +67,7 @@ class Parts:
 
 
 def key_store(settings: Settings) -> KeyStore:
-    return KeyStore(settings.data_dir / "keys.db")
+    return KeyStore.of(settings.data_dir)
 
 
 def authenticator(settings: Settings) -> Authenticator:
@@ -141,6 +146,9 @@ async def run(
             ctx.checks["consuming"] = worker.consuming
         if parts.gateway:
             stream = await start_gateway(stack, settings, bootstrap, ctx)
+        ctx.ondemand = OnDemand(
+            ctx.registry, ctx.store, settings.horizon, settings.season, settings.ondemand_history
+        )
         http = HttpServer(
             create_app(
                 ctx,
@@ -163,6 +171,19 @@ async def run(
         if ctx.store is not None and ctx.store.embedded:
             owner.claim(settings.run_dir, base, auth.issue_process_token("analyst"))
             stack.callback(owner.release, settings.run_dir)
+        if parts.sink and settings.backup_interval > 0:
+            backups = asyncio.create_task(
+                run_schedule(
+                    store,
+                    settings.data_dir,
+                    settings.backups_dir,
+                    settings.backup_interval,
+                    settings.backup_keep,
+                ),
+                name="backups",
+            )
+            stack.push_async_callback(_cancel, backups)
+            announce(f"backups:   every {settings.backup_interval:g}s into {settings.backups_dir}")
 
         announce(f"http:      {base}  (/healthz /readyz /metrics /v1/...)")
         if parts.gateway:
@@ -244,6 +265,8 @@ async def start_sink(
         comparing = asyncio.create_task(retrainer.run(), name="retrain-compare")
         stack.push_async_callback(_cancel, comparing)
         stack.push_async_callback(retrainer.stop)
+        webhooks = WebhookStore.from_settings(settings)
+        retrainer.on_decision = lambda *decision: webhooks.emit(decision_event(*decision))
     return sink
 
 
@@ -265,6 +288,9 @@ async def start_worker(
     stack.push_async_callback(worker.stop)
     watching = asyncio.create_task(watcher.run(), name="model-watcher")
     stack.push_async_callback(_cancel, watching)
+    alerts = StallAlerts(worker, WebhookStore.from_settings(settings).emit, settings.worker_id)
+    alerting = asyncio.create_task(alerts.run(), name="stall-alerts")
+    stack.push_async_callback(_cancel, alerting)
     return worker
 
 
@@ -291,7 +317,26 @@ async def start_gateway(
     )
     await stream.start()
     stack.push_async_callback(stream.stop)
+    await start_webhooks(stack, settings, bootstrap, ctx)
     return stream
+
+
+async def start_webhooks(
+    stack: contextlib.AsyncExitStack, settings: Settings, bootstrap: str, ctx: ApiContext
+) -> Dispatcher:
+    """The webhook store (for the API), its dispatcher, and drift events queued for it."""
+    ctx.webhooks = WebhookStore.from_settings(settings)
+    dispatcher = Dispatcher.from_settings(ctx.webhooks, settings)
+    await dispatcher.start()
+    stack.push_async_callback(dispatcher.stop)
+    listener = DriftListener(
+        settings,
+        bootstrap,
+        lambda found: dispatcher.offer(drift_event(e.to_message()) for e in found),
+    )
+    await listener.start()
+    stack.push_async_callback(listener.stop)
+    return dispatcher
 
 
 class Watchdog:

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     export_max_rows: int = Field(2_000_000, ge=1, description="rows one export may hold")
     export_timeout: float = Field(300.0, gt=0, le=86_400, description="seconds an export may run")
 
+    # Scheduled backups by the store's owner (sinks.backup_schedule)
+    backup_interval: float = Field(0.0, ge=0, description="seconds between backups; 0 = none")
+    backup_keep: int = Field(7, ge=1, le=10_000, description="newest scheduled backups kept")
+    backup_dir: Path | None = Field(None, description="where they go; unset = <data_dir>/backups")
+
     # Servers
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=0, le=65535)
@@ -98,6 +103,9 @@ class Settings(BaseSettings):
     inference_threads: int = Field(
         0, ge=0, le=1024, description="torch CPU threads of a worker; 0: the CPUs / workers"
     )
+    ondemand_history: int = Field(
+        2048, ge=16, le=100_000, description="stored readings replayed per on-demand forecast"
+    )
 
     residual_horizons: str = Field("1,6,24", description="forecast steps scored online")
     online_interval_rate: float = Field(
@@ -123,6 +131,16 @@ class Settings(BaseSettings):
     retrain_epochs: int = Field(5, ge=0)
     compare_residuals: int = Field(500, ge=1, description="residuals each model needs")
     compare_margin: float = Field(0.02, ge=0, lt=1, description="relative MAE gain to promote")
+
+    # Webhooks (gateway.webhooks)
+    webhook_allow_private: bool = Field(False, description="may post to non-public addresses")
+    webhook_allow_networks: str = Field("", description="CIDRs webhooks may post to anyway")
+    webhook_timeout: float = Field(5.0, gt=0, le=60, description="seconds per delivery attempt")
+    webhook_max_attempts: int = Field(12, ge=1, le=100, description="attempts per delivery")
+    webhook_pause_after: int = Field(8, ge=1, le=1000, description="failures in a row: pause")
+    webhook_backoff: float = Field(2.0, gt=0, le=3600, description="first retry delay, seconds")
+    webhook_backoff_max: float = Field(900.0, gt=0, le=86_400, description="longest retry delay")
+    webhook_max_endpoints: int = Field(50, ge=1, le=10_000)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -153,7 +171,7 @@ class Settings(BaseSettings):
         parse_rules(value)
         return value
 
-    @field_validator("trusted_proxies")
+    @field_validator("trusted_proxies", "webhook_allow_networks")
     @classmethod
     def _proxies(cls, value: str) -> str:
         parse_networks(value)
@@ -230,6 +248,10 @@ class Settings(BaseSettings):
     def run_dir(self) -> Path:
         """Runtime files of the process that owns the embedded store."""
         return self.data_dir / "run"
+
+    @property
+    def backups_dir(self) -> Path:
+        return self.backup_dir if self.backup_dir is not None else self.data_dir / "backups"
 
 
 SECRET_FIELDS = frozenset({"clickhouse_url", "clickhouse_analyst_url", "jwt_secret"})

@@ -85,6 +85,11 @@ class KeyStore:
                     created_at REAL NOT NULL, revoked_at REAL)"""
             )
 
+    @classmethod
+    def of(cls, data_dir: Path) -> KeyStore:
+        """The key store of a data directory."""
+        return cls(data_dir / "keys.db")
+
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=5.0)
 

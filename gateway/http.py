@@ -23,7 +23,18 @@ from starlette.staticfiles import StaticFiles
 from forecast import __version__
 from forecast.errors import ForecastError
 from forecast.options import Network
-from gateway.api import analysts, console, health, keys, registry, sensors
+from gateway.api import (
+    analysts,
+    audit,
+    backup,
+    console,
+    forecasts,
+    health,
+    keys,
+    registry,
+    sensors,
+    webhooks,
+)
 from gateway.api.context import ApiContext
 from gateway.api.errors import GUARDED, HANDLERS, document, responses
 from gateway.guards import BodyLimit, HeadAsGet, RequestGuard, TrustedProxies, guarded_protocol
@@ -82,7 +93,7 @@ def create_app(
     # The console's own files, from the package: no listing, no way out of the folder.
     app.mount("/static", StaticFiles(packages=[("gateway", "static")]), name="static")
     v1 = APIRouter(prefix="/v1", responses=responses(*GUARDED))
-    for area in (sensors, analysts, registry, keys, console):
+    for area in (sensors, forecasts, analysts, registry, keys, webhooks, backup, audit, console):
         v1.include_router(area.router)
     app.include_router(v1)
     app.openapi = _documented(app)  # type: ignore[method-assign]

@@ -90,6 +90,13 @@ class Store:
         with self._lock:
             self.client.close()
 
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[object]:
+        """The client alone: no statement of this store runs in between (a snapshot of
+        every table at one moment between inserts, :mod:`sinks.backup`)."""
+        with self._lock:
+            yield self.client
+
     # -- schema -------------------------------------------------------------------------
 
     def migrate(self, retention_days: int) -> int:

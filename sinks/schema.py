@@ -139,6 +139,23 @@ def migrations(retention_days: int) -> list[tuple[int, str, list[str]]]:
             "source offsets for the sink",
             _prediction_arrays(ttl("issued_at"), settings),
         ),
+        (
+            8,
+            "audit_log: every change and analyst query, append-only (sinks.audit)",
+            [
+                f"""CREATE TABLE IF NOT EXISTS {DATABASE}.audit_log (
+                    at DateTime64(3, 'UTC'),
+                    actor String,
+                    role LowCardinality(String),
+                    action LowCardinality(String),
+                    target String,
+                    result LowCardinality(String),
+                    request_id String,
+                    detail String
+                ) ENGINE = MergeTree
+                PARTITION BY toYYYYMM(at) ORDER BY at""",
+            ],
+        ),
     ]
 
 

@@ -128,6 +128,8 @@ class Retrainer:
         self.last_run: float | None = None
         self.training: asyncio.Task | None = None
         self.candidate: tuple[ModelRef, ModelRef] | None = None  # (shadow, production)
+        # told every decision once stored (webhooks); called from a thread
+        self.on_decision: Callable[[str, str, int, dict], None] | None = None
 
     # -- policy ------------------------------------------------------------------------
 
@@ -312,3 +314,8 @@ class Retrainer:
             self.store.write_decision(action, model, version, detail)
         except ForecastError as exc:  # the log line above keeps the decision
             log.error("could not store the decision %s: %s", action, exc.message)
+        if self.on_decision is not None:
+            try:
+                self.on_decision(action, model, version, detail)
+            except Exception:  # a listener's fault never stops the loop
+                log.exception("decision listener failed on %s", action)

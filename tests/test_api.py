@@ -38,6 +38,7 @@ from models.data import load_wide_csv
 from models.fit import configure, fit
 from models.registry import Registry
 from sinks.clickhouse import Store
+from sinks.webhooks import WebhookStore
 
 pytestmark = pytest.mark.integration
 
@@ -79,6 +80,8 @@ def api(tmp_path_factory: pytest.TempPathFactory, store: Store, short_csv: Path)
     for p in published:
         hub.publish_prediction(p.to_message(), orjson.dumps(p.to_message()))
     ctx = ApiContext(auth=Authenticator(keys), hub=hub, store=store, registry=registry)
+    # every target refused without a DNS lookup: the generated cases stay on this machine
+    ctx.webhooks = WebhookStore(root / "webhooks.db", resolver=lambda host, port: ["127.0.0.1"])
     ctx.checks["store"] = lambda: asyncio.to_thread(store.ping)
     return Api(create_app(ctx, rate="100000/minute"), ctx, admin, viewer, registry)
 

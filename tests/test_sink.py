@@ -71,12 +71,12 @@ def test_the_same_batch_twice_is_stored_once(store: Store) -> None:
 
 
 def test_migrations_are_versioned_and_idempotent(store: Store) -> None:
-    assert store.migrate(365) == 7
+    assert store.migrate(365) == 8
     versions = [
         row[0]
         for row in store.query("SELECT version FROM forecast.schema_migrations ORDER BY version")
     ]
-    assert versions == [1, 2, 3, 4, 5, 6, 7]
+    assert versions == [1, 2, 3, 4, 5, 6, 7, 8]
 
 
 def test_analyst_queries_are_read_only_bounded_and_leave_the_sink_writable(store: Store) -> None:

@@ -6,16 +6,18 @@ from dataclasses import replace
 from typing import Annotated, Literal
 
 import orjson
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from starlette.responses import Response, StreamingResponse
 
+from gateway.api.audit import AuditedRoute, audited, note
 from gateway.api.context import Analyst, Context, need
 from gateway.api.errors import error, responses
 from gateway.api.schemas import QueryRequest, QueryResult, Time
+from sinks.audit import sql_detail
 from sinks.export import MEDIA_TYPES, ExportRequest, export
 from sinks.query import Access, run_readonly
 
-router = APIRouter(tags=["analysts"])
+router = APIRouter(tags=["analysts"], route_class=AuditedRoute)
 
 
 @router.post(
@@ -24,7 +26,9 @@ router = APIRouter(tags=["analysts"])
     response_model=QueryResult,
     responses=responses(400, 503),
 )
-def query(ctx: Context, who: Analyst, body: QueryRequest) -> Response:
+@audited("query")
+def query(request: Request, ctx: Context, who: Analyst, body: QueryRequest) -> Response:
+    note(request, target="sql", **sql_detail(body.sql))
     store = need(ctx.store, "the store")
     cap = ctx.limits.max_rows
     max_rows = cap if body.max_rows is None else body.max_rows
@@ -47,7 +51,9 @@ def query(ctx: Context, who: Analyst, body: QueryRequest) -> Response:
         **responses(400, 503),
     },
 )
+@audited("export", target="what")
 def export_file(
+    request: Request,
     ctx: Context,
     who: Analyst,
     what: Literal["predictions", "errors"] = "predictions",
@@ -57,6 +63,8 @@ def export_file(
     fmt: Annotated[Literal["csv", "json", "parquet"], Query(alias="format")] = "csv",
 ) -> StreamingResponse:
     """Counted first (over the row cap: 400 ``export_too_large``), then streamed."""
+    bounds = {k: v for k, v in (("from", start), ("to", stop)) if v is not None}
+    note(request, target=what, sensors=sensors, format=fmt, **bounds)
     store = need(ctx.store, "the store")
     wanted = ExportRequest(what=what, sensors=sensors, start=start, stop=stop, fmt=fmt)
     chunks = export(store, wanted, Access(who.scopes), ctx.export_max_rows, ctx.export_timeout)

@@ -17,10 +17,12 @@ from fastapi.security import APIKeyQuery, HTTPAuthorizationCredentials, HTTPBear
 
 from forecast.errors import AuthError, StoreError
 from gateway.auth import ROLES, Authenticator, Principal, bearer
+from gateway.forecasts import OnDemand
 from gateway.hub import Hub
 from models.registry import Registry
 from sinks.clickhouse import Store
 from sinks.query import QueryLimits
+from sinks.webhooks import WebhookStore
 
 T = TypeVar("T")
 
@@ -37,6 +39,8 @@ class ApiContext:
     limits: QueryLimits = field(default_factory=QueryLimits)
     export_max_rows: int = 2_000_000
     export_timeout: float = 300.0
+    webhooks: WebhookStore | None = None
+    ondemand: OnDemand | None = None  # POST /v1/forecast; made from registry and store if None
 
 
 async def context(request: Request) -> ApiContext:
@@ -76,8 +80,11 @@ async def credentials(
 
 
 def _caller(role: str) -> Callable[..., Principal]:
-    def caller(ctx: Context, token: Annotated[str | None, Depends(credentials)]) -> Principal:
+    def caller(
+        request: Request, ctx: Context, token: Annotated[str | None, Depends(credentials)]
+    ) -> Principal:
         who = ctx.auth.authenticate(token)
+        request.state.principal = who  # for the audit record, also of a refusal
         if not who.can(role):
             raise AuthError(f"the {who.role} role may not do this; needs {role}", code="forbidden")
         return who

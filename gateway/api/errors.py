@@ -15,7 +15,15 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from forecast.errors import AuthError, ForecastError, ModelError, QueryError, StoreError
+from forecast.errors import (
+    AuthError,
+    ForecastError,
+    ForecastRequestError,
+    ModelError,
+    QueryError,
+    StoreError,
+    WebhookError,
+)
 from gateway.api.schemas import Error
 
 GUARDED = (401, 403, 408, 413, 429)  # every /v1/ route: credentials, request limits, rate
@@ -60,11 +68,23 @@ async def on_forecast_error(request: Request, exc: Exception) -> Response:
         return error(status, exc.code, exc.message)
     if isinstance(exc, QueryError):
         return error(400, exc.code, exc.message)
+    if isinstance(exc, ForecastRequestError):
+        status = REQUEST_STATUS.get(exc.code, 400)
+        return error(status, exc.code, exc.message)
+    if isinstance(exc, WebhookError):
+        status = {"not_found": 404, "too_many": 409}.get(exc.code, 400)
+        return error(status, exc.code, exc.message)
     if isinstance(exc, StoreError):
         return error(503, exc.code, exc.message, {"Retry-After": "5"})
     return error(500, exc.code, exc.message)
 
 
+REQUEST_STATUS = {
+    "unknown_sensor": 404,
+    "unknown_model": 404,
+    "out_of_scope": 403,
+    "too_large": 413,
+}
 STARLETTE_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 

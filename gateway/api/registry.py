@@ -6,16 +6,17 @@ from __future__ import annotations
 from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Path, Query, Request
 from starlette.responses import Response
 
 from forecast.schemas import iso
+from gateway.api.audit import AuditedRoute, audited, note
 from gateway.api.context import Context, need, operator, viewer
 from gateway.api.errors import error, responses
 from gateway.api.schemas import Decision, Decisions, Importances, Models, Stage, StageRef
 from sinks.schema import DATABASE
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], route_class=AuditedRoute)
 Name = Annotated[str, Path(json_schema_extra={"pattern": r"^[A-Za-z0-9_-]{1,64}$"})]
 Version = Annotated[int, Path(json_schema_extra={"minimum": 1})]
 StageQuery = Annotated[Stage, Query(description="the stage to change")]
@@ -37,8 +38,11 @@ def list_models(ctx: Context) -> Models:
     dependencies=[Depends(operator)],
     responses=responses(400, 409, 503),
 )
-def rollback(ctx: Context, stage: StageQuery = "production") -> StageRef:
+@audited("models.rollback", target="stage")
+def rollback(request: Request, ctx: Context, stage: StageQuery = "production") -> StageRef:
+    note(request, target=stage)
     ref = need(ctx.registry, "the model registry").rollback(stage)
+    note(request, name=ref.name, version=ref.version)
     return StageRef(name=ref.name, version=ref.version, stage=stage)
 
 
@@ -48,9 +52,11 @@ def rollback(ctx: Context, stage: StageQuery = "production") -> StageRef:
     dependencies=[Depends(operator)],
     responses=responses(400, 404, 409, 503),
 )
+@audited("models.promote", target="{name} v{version}")
 def promote(
-    ctx: Context, name: Name, version: Version, stage: StageQuery = "production"
+    request: Request, ctx: Context, name: Name, version: Version, stage: StageQuery = "production"
 ) -> StageRef:
+    note(request, stage=stage)
     need(ctx.registry, "the model registry").promote(name, version, stage)
     return StageRef(name=name, version=version, stage=stage)
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 import orjson
 from fastapi import APIRouter, Path, Query
+from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.api import caching
 from gateway.api.context import Context, Viewer, need
 from gateway.api.errors import error, responses
 from gateway.api.schemas import Forecast, History, Sensors, SensorSummary, Time
@@ -35,23 +38,29 @@ async def sensors(ctx: Context, who: Viewer) -> Sensors:
 @router.get(
     "/sensors/{sensor_id}/forecast",
     summary="The latest forecast of a sensor",
+    description="Conditional: `ETag` (weak) and `If-None-Match` (304 without a body).",
     response_model=Forecast,
-    responses=responses(404, 503),
+    responses={**responses(404, 503), 304: {"description": "the caller's copy is current"}},
 )
-async def latest(ctx: Context, who: Viewer, sensor_id: SensorId) -> Response:
+async def latest(request: Request, ctx: Context, who: Viewer, sensor_id: SensorId) -> Response:
     message = need(ctx.hub, "the live feed").latest.get(sensor_id)
     if message is None or not who.sees(sensor_id):
         return error(404, "not_found", f"no forecast for sensor {sensor_id!r} yet")
-    return Response(orjson.dumps(message), media_type="application/json")
+    tag = caching.tag_of(
+        sensor_id, message["seq"], message["issued_at"], message["model"], message["model_version"]
+    )
+    return caching.conditional(request, tag, caching.LATEST_MAX_AGE, lambda: orjson.dumps(message))
 
 
 @router.get(
     "/sensors/{sensor_id}/forecasts",
     summary="Forecast history of a sensor (published ones), newest first",
+    description="Conditional: `ETag` (weak) and `If-None-Match` (304 without a body).",
     response_model=History,
-    responses=responses(400, 404, 503),
+    responses={**responses(400, 404, 503), 304: {"description": "the caller's copy is current"}},
 )
 def history(
+    request: Request,
     ctx: Context,
     who: Viewer,
     sensor_id: SensorId,
@@ -62,6 +71,7 @@ def history(
     if not who.sees(sensor_id):
         return error(404, "not_found", f"no forecasts for sensor {sensor_id!r}")
     found = forecast_history(need(ctx.store, "the store"), sensor_id, start, stop, limit)
-    return Response(
-        orjson.dumps({"sensor_id": sensor_id, "forecasts": found}), media_type="application/json"
-    )
+    body = orjson.dumps({"sensor_id": sensor_id, "forecasts": found})
+    settled = stop is not None and stop.timestamp() < time.time() - caching.SETTLED_AFTER
+    max_age = caching.SETTLED_MAX_AGE if settled else caching.HISTORY_MAX_AGE
+    return caching.conditional(request, caching.tag_of(body), max_age, lambda: body)
