@@ -44,7 +44,7 @@ from sinks.clickhouse import Store
 from sinks.consumer import Sink
 from sinks.query import QueryLimits
 from sinks.webhooks import WebhookStore, decision_event, drift_event
-from streams.alerts import StallAlerts
+from streams.alerts import CoverageAlerts, StallAlerts
 from streams.broker import EmbeddedBroker, ensure_topics, wait_until_ready
 from streams.retrain import DriftListener, Retrainer
 from streams.worker import Worker
@@ -288,7 +288,11 @@ async def start_worker(
     stack.push_async_callback(worker.stop)
     watching = asyncio.create_task(watcher.run(), name="model-watcher")
     stack.push_async_callback(_cancel, watching)
-    alerts = StallAlerts(worker, WebhookStore.from_settings(settings).emit, settings.worker_id)
+    webhooks = WebhookStore.from_settings(settings)
+    alerts = StallAlerts(worker, webhooks.emit, settings.worker_id)
+    worker.on_online = CoverageAlerts(
+        webhooks.emit, settings.worker_id, settings.alert_coverage_floor
+    ).observe
     alerting = asyncio.create_task(alerts.run(), name="stall-alerts")
     stack.push_async_callback(_cancel, alerting)
     return worker

@@ -133,6 +133,9 @@ class Settings(BaseSettings):
     compare_margin: float = Field(0.02, ge=0, lt=1, description="relative MAE gain to promote")
 
     # Webhooks (gateway.webhooks)
+    alert_coverage_floor: float = Field(
+        0.5, ge=0, le=1, description="online interval coverage below this: an alert"
+    )
     webhook_allow_private: bool = Field(False, description="may post to non-public addresses")
     webhook_allow_networks: str = Field("", description="CIDRs webhooks may post to anyway")
     webhook_timeout: float = Field(5.0, gt=0, le=60, description="seconds per delivery attempt")

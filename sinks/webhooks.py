@@ -95,10 +95,12 @@ def decision_event(action: str, model: str, version: int, detail: dict) -> Event
     return Event(f"decision-{secrets.token_hex(12)}", "decision", data, sensors)
 
 
-def alert_event(alert: str, message: str, detail: dict | None = None) -> Event:
-    """An alert-worthy condition (``worker_stalled``, ``worker_recovered``, ...)."""
+def alert_event(
+    alert: str, message: str, detail: dict | None = None, sensors: tuple[str, ...] = ()
+) -> Event:
+    """An alert-worthy condition (``worker_stalled``, ``coverage_collapsed``, ...)."""
     data = {"alert": alert, "message": message, "detail": detail or {}}
-    return Event(f"alert-{secrets.token_hex(12)}", "alert", data)
+    return Event(f"alert-{secrets.token_hex(12)}", "alert", data, sensors)
 
 
 @dataclass(frozen=True, slots=True)

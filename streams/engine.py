@@ -264,8 +264,9 @@ class Engine:
         self.slots.release_all()
         return out
 
-    def online(self, sensor_ids: set[str]) -> list[tuple[str, str, str, float, float]]:
-        """(sensor, model, horizon, MAE, coverage) for each scored step of ``sensor_ids``."""
+    def online(self, sensor_ids: set[str]) -> list[tuple[str, str, str, float, float, int]]:
+        """(sensor, model, horizon, MAE, coverage, residuals) for each scored step of
+        ``sensor_ids``."""
         known = [(s, self.slots.slot_of[s]) for s in sensor_ids if s in self.slots.slot_of]
         if not known:
             return []
@@ -276,7 +277,10 @@ class Engine:
             mae, coverage, counts = scores.online(slots)
             for i, j in zip(*np.nonzero(counts), strict=True):
                 horizon = str(self.horizons[j])
-                out.append((known[i][0], name, horizon, float(mae[i, j]), float(coverage[i, j])))
+                scored = int(counts[i, j])
+                out.append(
+                    (known[i][0], name, horizon, float(mae[i, j]), float(coverage[i, j]), scored)
+                )
         return out
 
     # -- a batch ---------------------------------------------------------------------

@@ -167,6 +167,7 @@ class Worker:
             online=online_config(settings),
         )
         self.on_drift: Callable[[list[DriftEvent]], None] | None = None  # the retrain loop
+        self.on_online: Callable[[list], None] | None = None  # the online statistics, as exported
         self.readings = settings.topic("readings")
         self.intake = BatchIntake(
             self.app,
@@ -556,10 +557,13 @@ class Worker:
         """The online MAE and coverage of the sensors scored since the last export (a
         gauge per sensor, model and step: at most once every ONLINE_EVERY seconds)."""
         self._online_at = time.monotonic()
-        for sensor_id, model, horizon, mae, coverage in self.processor.online(self._scored):
+        online = self.processor.online(self._scored)
+        for sensor_id, model, horizon, mae, coverage, _ in online:
             metrics.ONLINE_MAE.labels(sensor_id, model, horizon).set(mae)
             metrics.ONLINE_COVERAGE.labels(sensor_id, model, horizon).set(coverage)
         self._scored.clear()
+        if self.on_online is not None:
+            self.on_online(online)
 
     def _load_state(self, sensor_id: str) -> dict | None:
         """A sensor's snapshot, restored from the changelog or handed back earlier."""

@@ -32,7 +32,7 @@ from gateway.webhooks import Dispatcher, backoff
 from models.registry import Registry
 from sinks.webhook_targets import Policy, check_target, verify
 from sinks.webhooks import WebhookStore, alert_event, decision_event, drift_event
-from streams.alerts import StallAlerts
+from streams.alerts import CoverageAlerts, StallAlerts
 from streams.liveness import Liveness
 from streams.retrain import Retrainer
 
@@ -440,6 +440,27 @@ async def test_stall_alerts_follow_the_workers_liveness(hooks: WebhookStore) -> 
         "worker_failed",
     ]
     assert "no progress for 5s" in queued[0].data["message"] and queued[0].kind == "alert"
+
+
+def test_coverage_alerts_fire_once_per_collapse_and_once_per_recovery(
+    hooks: WebhookStore, receiver: Receiver
+) -> None:
+    etth1, _ = hooks.create(receiver.url, ["alert"], ["ETTh1.*"])
+    alerts = CoverageAlerts(hooks.emit, "w1", floor=0.5, margin=0.2, min_scored=50)
+
+    def row(sensor: str, coverage: float, scored: int) -> tuple:
+        return (sensor, "lstm", "1", 0.3, coverage, scored)
+
+    assert alerts.observe([row("ETTh1.OT", 0.2, 10)]) == []  # too few residuals yet
+    first = alerts.observe([row("ETTh1.OT", 0.3, 60), row("ETTh2.OT", 0.9, 60)])
+    assert [e.data["alert"] for e in first] == ["coverage_collapsed"]
+    assert first[0].sensors == ("ETTh1.OT",) and first[0].data["detail"]["coverage"] == 0.3
+    assert alerts.observe([row("ETTh1.OT", 0.1, 70)]) == []  # still collapsed: no repeat
+    assert alerts.observe([row("ETTh1.OT", 0.6, 80)]) == []  # not back far enough yet
+    back = alerts.observe([row("ETTh1.OT", 0.75, 90)])
+    assert [e.data["alert"] for e in back] == ["coverage_recovered"]
+    assert alerts.observe([row("ETTh2.OT", 0.1, 90)])[0].sensors == ("ETTh2.OT",)
+    assert hooks.get(etth1.id).pending == 2  # ETTh1's collapse and recovery only
 
 
 def test_retraining_decisions_are_queued(hooks: WebhookStore, receiver: Receiver) -> None:
