@@ -32,6 +32,7 @@ from pathlib import Path
 import jwt
 
 from forecast.errors import AuthError
+from forecast.files import private_file
 
 log = logging.getLogger(__name__)
 
@@ -155,17 +156,6 @@ def check_scopes(scopes: Iterable[str]) -> tuple[str, ...]:
                 code="bad_scope",
             )
     return scopes
-
-
-def private_file(path: Path) -> None:
-    """Create ``path`` with mode 0600 if it does not exist; set an existing one to 0600."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-    except PermissionError:
-        log.warning("cannot set %s to mode 0600 (not its owner)", path)
-    finally:
-        os.close(fd)
 
 
 class JwtVerifier:

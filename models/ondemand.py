@@ -30,7 +30,7 @@ from models.baseline import SeasonalNaive
 from models.columns import NaiveColumns
 from models.data import calendar
 from models.lstm import EPS, LSTMForecaster
-from models.tft import KNOWN, UNKNOWN, TFTForecaster, _series_rows, warm_up
+from models.tft import KNOWN, TFTForecaster, _series_rows, forward_known, warm_up
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,32 +158,3 @@ def _tft(model: TFTForecaster, series: Sequence[Series]) -> list[Made | None]:
     for j, i in enumerate(ready):
         out[i] = Made(quantiles[j, :, 1], low[j], high[j])
     return out
-
-
-@torch.inference_mode()
-def forward_known(net: torch.nn.Module, encoder: np.ndarray, known: np.ndarray) -> np.ndarray:
-    """:func:`models.tft.forward` with the forecast steps' known inputs given (B, H, 4)
-    in :data:`models.tft.KNOWN` order, rather than computed from their times."""
-    device = next(net.parameters()).device
-    batch, lookback, _ = encoder.shape
-    horizon = known.shape[1]
-    window = torch.tensor(encoder, dtype=torch.float32, device=device)
-    target = window[..., 0]
-    center = target.mean(-1)
-    scale = target.std(-1) + torch.finfo(torch.float32).eps  # as EncoderNormalizer
-    named = {name: window[..., i] for i, name in enumerate((*UNKNOWN, *KNOWN))}
-    named["value"] = (target - center.unsqueeze(-1)) / scale.unsqueeze(-1)
-    future = torch.as_tensor(known, dtype=torch.float32, device=device)
-    known_future = {name: future[..., i] for i, name in enumerate(KNOWN)}
-    zeros = torch.zeros(batch, horizon, device=device)
-    reals = net.hparams.x_reals
-    x = {
-        "encoder_cont": torch.stack([named[name] for name in reals], -1),
-        "decoder_cont": torch.stack([known_future.get(name, zeros) for name in reals], -1),
-        "encoder_cat": torch.zeros(batch, lookback, 0, dtype=torch.long, device=device),
-        "decoder_cat": torch.zeros(batch, horizon, 0, dtype=torch.long, device=device),
-        "encoder_lengths": torch.full((batch,), lookback, device=device),
-        "decoder_lengths": torch.full((batch,), horizon, device=device),
-        "target_scale": torch.stack([center, scale], -1),
-    }
-    return net(x)["prediction"].cpu().numpy()

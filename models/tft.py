@@ -188,16 +188,23 @@ def build_network(config: TFTConfig) -> torch.nn.Module:
 def forward(net: torch.nn.Module, encoder: np.ndarray, future_ts: np.ndarray) -> np.ndarray:
     """Quantile forecasts (B, H, 3) from input windows (B, L, 8) and the forecast steps'
     times (B, H), without any dataset: the tensors the network's ``forward`` reads."""
+    return forward_known(net, encoder, calendar(future_ts))
+
+
+@torch.inference_mode()
+def forward_known(net: torch.nn.Module, encoder: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """:func:`forward` with the forecast steps' known inputs given (B, H, 4) in
+    :data:`KNOWN` order (a what-if may override them) rather than computed from times."""
     device = next(net.parameters()).device
     batch, lookback, _ = encoder.shape
-    horizon = future_ts.shape[1]
+    horizon = known.shape[1]
     window = torch.tensor(encoder, dtype=torch.float32, device=device)
     target = window[..., 0]
     center = target.mean(-1)
     scale = target.std(-1) + torch.finfo(torch.float32).eps  # as EncoderNormalizer
     named = {name: window[..., i] for i, name in enumerate((*UNKNOWN, *KNOWN))}
     named["value"] = (target - center.unsqueeze(-1)) / scale.unsqueeze(-1)
-    future = torch.as_tensor(calendar(future_ts), dtype=torch.float32, device=device)
+    future = torch.as_tensor(known, dtype=torch.float32, device=device)
     known_future = {name: future[..., i] for i, name in enumerate(KNOWN)}
     zeros = torch.zeros(batch, horizon, device=device)
     reals = net.hparams.x_reals

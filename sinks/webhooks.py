@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import secrets
 import sqlite3
 import time
@@ -31,6 +30,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from forecast.errors import WebhookError
+from forecast.files import private_file
 from forecast.options import parse_networks
 from forecast.schemas import iso
 from forecast.settings import Settings
@@ -174,7 +174,7 @@ class WebhookStore:
         self.max_endpoints = max_endpoints
         self.max_pending = max_pending
         self.resolver = resolver
-        _private_file(path)
+        private_file(path)
         with self._db() as db:
             db.execute("PRAGMA journal_mode=WAL")
             for statement in SCHEMA:
@@ -468,14 +468,3 @@ def _endpoint(row: tuple) -> Endpoint:
 
 def _unknown(endpoint_id: str) -> WebhookError:
     return WebhookError(f"no webhook {endpoint_id!r}", code="not_found")
-
-
-def _private_file(path: Path) -> None:
-    """Create ``path`` with mode 0600, or set an existing one to 0600."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-    except PermissionError:
-        log.warning("cannot set %s to mode 0600 (not its owner)", path)
-    finally:
-        os.close(fd)
