@@ -64,6 +64,7 @@ def base_env(data_dir: Path, **extra: str) -> dict[str, str]:
         FORECAST_WS_PORT="0",
         FORECAST_KAFKA_SESSION_TIMEOUT="2",
         FORECAST_LOG_LEVEL="INFO",
+        FORECAST_INFERENCE_THREADS="1",  # two test processes share the CPUs with their systems
     )
     env.update(extra)
     return env

@@ -161,8 +161,13 @@ def test_every_registered_metric_is_documented() -> None:
 def test_logs_carry_request_ids(split) -> None:
     response = httpx.get(f"{split['gateway']}/v1/sensors", headers={"X-Request-ID": "req-42"})
     assert response.headers["X-Request-ID"] == "req-42"
-    log = Path(split["gateway_log"]).read_text()
-    lines = [json.loads(line) for line in log.splitlines() if "req-42" in line]
+    deadline = time.monotonic() + 10  # the access line is written once the answer is sent
+    while True:
+        log = Path(split["gateway_log"]).read_text()
+        lines = [json.loads(line) for line in log.splitlines() if "req-42" in line]
+        if lines or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert lines and lines[-1]["request_id"] == "req-42"
     assert re.search(r"GET /v1/sensors 401", lines[-1]["message"])
 
