@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gzip
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,7 +25,7 @@ from sinks.clickhouse import Store
 
 pytestmark = pytest.mark.integration
 
-PREFIX = f"cache{uuid.uuid4().hex[:6]}"
+PREFIX = "cachetest"  # own rows in the shared store
 MINE, OTHER = f"{PREFIX}.mine", f"{PREFIX}.other"
 SEQS = 30
 START = (time.time() // 3600 - 3 * SEQS) * 3600  # hours ago: a settled range exists
