@@ -196,7 +196,7 @@ async def test_half_sent_requests_are_closed_after_the_header_timeout(tmp_path) 
                     await asyncio.sleep(0.1)
 
         trickler = asyncio.create_task(trickling())
-        ended = await asyncio.gather(*(response(r, 3) for r, _ in [*half, silent, trickle]))
+        ended = await asyncio.gather(*(response(r, 8) for r, _ in [*half, silent, trickle]))
         trickler.cancel()
         # A complete request on a fresh connection is still served.
         async with httpx.AsyncClient() as client:
@@ -204,10 +204,11 @@ async def test_half_sent_requests_are_closed_after_the_header_timeout(tmp_path) 
         for _, writer in [*half, silent, trickle]:
             writer.close()
     assert fine.status_code == 200
-    assert all(status(raw) == 408 and took < 2.0 for raw, took in ended[:100])
+    # Closed within 5 s of a 0.5 s timeout (the machine may be loaded), before the 8 s wait.
+    assert all(status(raw) == 408 and took < 5.0 for raw, took in ended[:100])
     assert body(ended[0][0])["error"]["code"] == "header_timeout"
-    assert ended[100][0] == b"" and ended[100][1] < 2.0  # nothing sent: closed, no answer
-    assert status(ended[101][0]) == 408 and ended[101][1] < 2.0
+    assert ended[100][0] == b"" and ended[100][1] < 5.0  # nothing sent: closed, no answer
+    assert status(ended[101][0]) == 408 and ended[101][1] < 5.0
 
 
 async def test_idle_keep_alive_connections_are_closed(tmp_path) -> None:
