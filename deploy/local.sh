@@ -54,10 +54,9 @@ case "${1:-}" in
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .
     "$VENV/bin/lint-imports"  # the one-way layers (pyproject.toml, [tool.importlinter])
-    # Two test processes, a test module each at a time (most tests wait on the processes
-    # they start); line coverage of the product packages, the processes the tests start
-    # included (pyproject.toml, [tool.coverage.*]).
-    exec "$VENV/bin/python" -m pytest -n 2 --dist loadfile --cov --cov-report=term "$@"
+    # Line coverage of the product packages, the processes the tests start included
+    # (pyproject.toml, [tool.coverage.*]).
+    exec "$VENV/bin/python" -m pytest --cov --cov-report=term "$@"
     ;;
   *)
     echo "usage: bash deploy/local.sh up [options] | test [pytest options]" >&2

@@ -64,7 +64,7 @@ def base_env(data_dir: Path, **extra: str) -> dict[str, str]:
         FORECAST_WS_PORT="0",
         FORECAST_KAFKA_SESSION_TIMEOUT="2",
         FORECAST_LOG_LEVEL="INFO",
-        FORECAST_INFERENCE_THREADS="1",  # two test processes share the CPUs with their systems
+        FORECAST_INFERENCE_THREADS="1",  # the tests' systems share 2 CPUs with each other
     )
     env.update(extra)
     return env
@@ -192,28 +192,3 @@ def wait_for_model(system: System, version: int, stage: str) -> None:
     while not re.search(pattern, httpx.get(f"{system.http}/metrics").text):
         assert time.monotonic() < deadline, f"lstm v{version} never became {stage}"
         time.sleep(0.2)
-
-
-# The modules that take longest start first, so that the two test processes
-# (deploy/local.sh: pytest -n 2 --dist loadfile) end together.
-SLOW_FIRST = (
-    "test_bench.py",
-    "test_loop.py",
-    "test_recovery.py",
-    "test_liveness.py",
-    "test_dashboard.py",
-    "test_end_to_end.py",
-    "test_gateway.py",
-    "test_hardening_running.py",
-    "test_backup.py",
-    "test_training_data.py",
-    "test_tft.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        name = item.path.name
-        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
-
-    items.sort(key=rank)  # stable: the order inside each module stays
