@@ -98,7 +98,9 @@ class Settings(BaseSettings):
 
     # Forecasting
     horizon: int = Field(24, ge=1, le=10_000)
-    season: int = Field(24, ge=1, le=10_000)
+    season: int = Field(
+        0, ge=0, le=10_000, description="baseline's season in readings; 0: a day of each sensor's"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="inference device")
     inference_threads: int = Field(
         0, ge=0, le=1024, description="torch CPU threads of a worker; 0: the CPUs / workers"

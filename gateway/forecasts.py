@@ -443,7 +443,7 @@ def _span(model: StreamingForecaster, history: int) -> int:
     (its recurrence carries back to the sensor's first reading), enough for the TFT's
     features and the baseline's error variance to forget where they started."""
     if isinstance(model, SeasonalNaive):
-        return min(history, 40 * model.season + 1)
+        return min(history, 40 * model.max_season + 1)
     if isinstance(model, TFTForecaster):
         return min(history, needed(model) + TFT_TAIL)
     return history

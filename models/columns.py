@@ -7,7 +7,7 @@ the same readings (``tests/test_columns.py``), and its per-slot snapshot is the
 reference's state dict, so a snapshot restores into either.
 
 =======================  ===================================================
-:class:`NaiveColumns`    the seasonal-naive baseline: a ring of one season
+:class:`NaiveColumns`    the seasonal-naive baseline: a ring of its season
 :class:`LSTMColumns`     the LSTM: a ring of ``lookback`` values, ``(h, c)``
 :class:`DictColumns`     any other forecaster: its dict states, per slot
 =======================  ===================================================
@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from models.base import NOT_DUE, StreamingForecaster, place
-from models.baseline import SeasonalNaive
+from models.baseline import Z_90, SeasonalNaive
 from models.lstm import LSTMForecaster
+from models.timing import TimingColumns
 
 
 @dataclass(slots=True)
@@ -140,6 +141,25 @@ class _Ring:
         self.pos[slots] = (pos + 1) % self.size
         self.count[slots] = np.minimum(self.count[slots] + 1, self.size)
 
+    def widen(self, size: int) -> None:
+        """Room for ``size`` values per slot (no change if there is); the latest kept."""
+        if size <= self.size:
+            return
+        held = self.count
+        index = (self.pos - held)[:, None] + np.arange(self.size)
+        latest = np.take_along_axis(self.data, index % self.size, axis=1)
+        self.data = np.zeros((len(held), 2 * size), dtype=self.data.dtype)
+        self.data[:, : self.size] = latest
+        self.data[:, size : size + self.size] = latest
+        self.size = size
+        self.pos = held % size
+
+    def latest(self, slots: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
+        """The latest ``counts`` values of each slot, oldest first."""
+        index = (self.pos[slots] - counts)[:, None] + np.arange(self.size)
+        rows = np.take_along_axis(self.data[slots], index % self.size, axis=1)
+        return [row[:n] for row, n in zip(rows, counts.tolist(), strict=True)]
+
     def ordered(self, slots: np.ndarray) -> np.ndarray:
         """Full rings of ``slots``, oldest first: (n, size)."""
         windows = np.lib.stride_tricks.sliding_window_view(self.data, self.size, axis=1)
@@ -178,73 +198,105 @@ class _Ring:
 
 
 class NaiveColumns:
-    """:class:`models.baseline.SeasonalNaive` over slots: the last season of values, and
-    the weighted variance of the rule's one-step errors."""
+    """:class:`models.baseline.SeasonalNaive` over slots: the latest values of each slot's
+    season in a ring as wide as the longest season (widened as seasons are learned), the
+    weighted variance of the rule's one-step errors, and each slot's timing
+    (:class:`models.timing.TimingColumns`) when the seasons are learned."""
 
     def __init__(self, forecaster: SeasonalNaive, capacity: int) -> None:
         self.forecaster = forecaster
-        self.history = _Ring(capacity, forecaster.season, np.float64)
+        self.history = _Ring(capacity, forecaster.season or 2, np.float64)
+        self.held = np.zeros(capacity, np.int64)  # values of the slot's season held
         self.var = np.zeros(capacity)
         self.errors = np.zeros(capacity, np.int64)
-        self._widths = np.asarray(forecaster._widths)
-        self._repeats = np.asarray(forecaster._repeats)
+        self.timing = TimingColumns(capacity, forecaster.max_season) if forecaster.learns else None
+        self._steps = np.arange(forecaster.horizon)  # h - 1
 
     def grow(self, capacity: int) -> None:
         self.history.grow(capacity)
+        self.held = _grown(self.held, capacity)
         self.var = _grown(self.var, capacity)
         self.errors = _grown(self.errors, capacity)
+        if self.timing is not None:
+            self.timing.grow(capacity)
 
     def reset(self, slots: np.ndarray) -> None:
         self.history.reset(slots)
+        self.held[slots] = 0
         self.var[slots] = 0.0
         self.errors[slots] = 0
+        if self.timing is not None:
+            self.timing.reset(slots)
 
     def advance(self, slots: np.ndarray, values: np.ndarray, ts: np.ndarray) -> Forecasts:
-        ring, season, alpha = self.history, self.forecaster.season, self.forecaster.alpha
-        count = ring.count[slots]
-        seen = count > 0
-        full = count == season
-        latest = ring.data[slots, (ring.pos[slots] - 1) % season]
-        oldest = ring.data[slots, ring.pos[slots]]
-        error = values - np.where(full, oldest, latest)
+        ring, alpha = self.history, self.forecaster.alpha
+        season, held = self._season(slots), self.held[slots]
+        seen = held > 0
+        back = np.where((season > 0) & (held == season), season, 1)  # the one-step rule
+        error = values - ring.data[slots, (ring.pos[slots] - back) % ring.size]
         weight = np.maximum(alpha, 1.0 / (self.errors[slots] + 1))
         var = self.var[slots]
         self.var[slots] = np.where(seen, var + weight * (error * error - var), var)
         self.errors[slots] += seen
+        if self.timing is not None:
+            season = self.timing.learn(slots, ts)
+            need = int(season.max(initial=0))
+            if need > ring.size:  # doubling: a few copies while the seasons are learned
+                ring.widen(min(max(need, 2 * ring.size), self.forecaster.max_season))
         ring.push(slots, values)
+        self.held[slots] = np.minimum(held + 1, np.maximum(season, 1))
         return self._forecast(slots)
 
+    def _season(self, slots: np.ndarray) -> np.ndarray:
+        fixed = self.forecaster.season
+        return self.timing.season[slots] if fixed is None else np.full(len(slots), fixed)
+
     def _forecast(self, slots: np.ndarray) -> Forecasts:
-        ring = self.history
-        full = ring.count[slots] == ring.size
-        latest = ring.data[slots, (ring.pos[slots] - 1) % ring.size]
-        index = (ring.pos[slots, None] + self._repeats) % ring.size
+        ring, steps = self.history, self._steps
+        season = self._season(slots)
+        full = (season > 0) & (self.held[slots] == season)
+        cycle = np.maximum(season, 1)[:, None]
+        pos = ring.pos[slots]
+        latest = ring.data[slots, (pos - 1) % ring.size]
+        index = (pos[:, None] - cycle + steps % cycle) % ring.size  # a season back, or more
         yhat = np.where(full[:, None], ring.data[slots[:, None], index], latest[:, None])
-        half = np.sqrt(self.var[slots])[:, None] * self._widths
+        half = np.sqrt(self.var[slots])[:, None] * (Z_90 * np.sqrt(1 + steps // cycle))
         made = np.ones(len(slots), bool)
         return Forecasts(yhat, yhat - half, yhat + half, made, made.copy())
 
     def correct(self, slot: int, value: float, newer: int, replace: bool) -> None:
-        self.history.place(slot, value, newer, replace)
+        doc = self.to_doc(slot)
+        doc["history"] = doc["history"].tolist()
+        self.forecaster.correct(doc, value, newer, replace)
+        self.from_doc(slot, doc)
 
     def to_doc(self, slot: int) -> dict:
         return self.to_docs(np.array([slot]))[0]
 
     def to_docs(self, slots: np.ndarray) -> list[dict]:
-        return [
+        docs = [
             {"history": history, "var": var, "errors": errors}
             for history, var, errors in zip(
-                self.history.rows(slots),
+                self.history.latest(slots, self.held[slots]),
                 self.var[slots].tolist(),
                 self.errors[slots].tolist(),
                 strict=True,
             )
         ]
+        if self.timing is not None:
+            for doc, timing in zip(docs, self.timing.to_docs(slots), strict=True):
+                doc.update(timing)
+        return docs
 
     def from_doc(self, slot: int, doc: dict) -> None:
-        self.history.set_row(slot, np.asarray(doc["history"], dtype=np.float64))
+        history = np.asarray(doc["history"], dtype=np.float64)
+        self.history.widen(len(history))
+        self.history.set_row(slot, history)
+        self.held[slot] = len(history)
         self.var[slot] = doc["var"]
         self.errors[slot] = doc["errors"]
+        if self.timing is not None:
+            self.timing.from_doc(slot, doc)
 
 
 class LSTMColumns:

@@ -37,11 +37,11 @@ import numpy as np
 import pandas as pd
 
 from forecast.errors import ConfigError
+from models.timing import DAY, WEEKLY_STEP, daily_season, day_steps
 
 TRAIN, VALID, TEST = 8640, 2880, 2880
 FRACTIONS = (0.7, 0.1, 0.2)  # forecast train's default split
 PROTOCOLS = ("fractions", "ett")
-DAY = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class Timing:
             if self.gaps
             else ")"
         )
-        what = "a week of days" if self.step_seconds >= DAY else "one day of readings"
+        what = "a week of days" if self.step_seconds >= WEEKLY_STEP else "one day of readings"
         if self.season_given:
             season = f"season {self.season} readings (--season)"
         elif self.season == self.day_steps:
@@ -294,18 +294,12 @@ def detect_step(ts: np.ndarray) -> float:
 
 
 def detect_season(ts: np.ndarray, step: float) -> int:
-    """One day of readings (a week of days for daily or longer steps)."""
-    full = _day_steps(step)
-    if step >= DAY:
-        return full
+    """One day of readings (a week of days for daily or longer steps):
+    :func:`models.timing.daily_season` of the file's typical whole day."""
     _, per_day = np.unique(np.floor(np.asarray(ts) / DAY), return_counts=True)
     whole = per_day[1:-1]  # the first and the last day may be cut
-    if not len(whole):
-        return full
-    typical = int(np.median(whole))
-    # A few readings missing here and there leave a day a day; a sensor that sleeps
-    # through part of every day has a shorter day.
-    return full if typical >= 0.9 * full else max(2, typical)
+    typical = int(np.median(whole)) if len(whole) and step < WEEKLY_STEP else 0
+    return int(daily_season(step, typical))
 
 
 def timing(ts: np.ndarray, season: int | None = None) -> Timing:
@@ -316,16 +310,11 @@ def timing(ts: np.ndarray, season: int | None = None) -> Timing:
     return Timing(
         step,
         season if season is not None else detect_season(ts, step),
-        _day_steps(step),
+        int(day_steps(step)),
         len(gaps),
         float(gaps.max()) if len(gaps) else 0.0,
         season is not None,
     )
-
-
-def _day_steps(step: float) -> int:
-    period = DAY if step < DAY else 7 * DAY
-    return max(2, round(period / step))
 
 
 def human_duration(seconds: float) -> str:

@@ -47,6 +47,7 @@ from models.columns import (
     columns_for,
 )
 from models.online import OnlineConfig
+from models.timing import lower_medians, spacing_rows
 from streams.adaptation import AdaptationColumns
 from streams.drift import DriftColumns
 from streams.pipeline import RawRecord, state_key
@@ -353,24 +354,24 @@ class Engine:
         accepted = live[newest]
         acc_slots = slots[accepted]
         acc_ts = ts[accepted]
-        step = acc_ts - before[newest]  # NaN for a first reading
-        previous_step = s.step[acc_slots]
-        step = np.where(np.isnan(step), previous_step, step)
+        step = np.full(len(accepted), np.nan)  # as of each reading: _observe_times
         rounds = rank_within(acc_slots)
         admitted = Admitted(accepted, acc_slots, acc_ts, parsed.value[accepted], step, rounds)
         self._observe_times(admitted)
         return admitted, live[within]
 
     def _observe_times(self, a: Admitted) -> None:
-        """Event time advances: latest time, step and recent times of each sensor."""
+        """Event time advances: latest time, recent times and step of each sensor (the
+        median spacing of its latest readings, as ``SensorState.observe``)."""
         s = self.slots
         for k in range(int(a.round.max()) + 1 if len(a.round) else 0):
             at = np.flatnonzero(a.round == k)
             slots = a.slot[at]
-            has_step = ~np.isnan(a.step[at])
-            s.step[slots[has_step]] = a.step[at][has_step]
             s.last_ts[slots] = a.ts[at]
             s.remember(slots, a.ts[at])
+            step = lower_medians(spacing_rows(s.recent[slots]))
+            step = np.where(np.isnan(step), s.step[slots], step)
+            s.step[slots] = a.step[at] = step
 
     @staticmethod
     def _stored(parsed, stored: np.ndarray) -> ReadingBlock:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import bisect
+import itertools
 from dataclasses import dataclass, field
 
 import orjson
+
+from models.timing import SPACINGS, lower_median
 
 RECENT = 64  # how far back (in readings) a late reading still corrects the forecasters
 
@@ -15,7 +18,7 @@ class SensorState:
     """What the worker remembers about one sensor between readings."""
 
     last_ts: float | None = None
-    step: float | None = None  # seconds between the two latest readings
+    step: float | None = None  # the median spacing of the latest readings
     seq: int = 0  # sequence number of the latest published prediction
     models: dict[str, dict] = field(default_factory=dict)  # forecaster name -> its state
     recent: list[float] = field(default_factory=list)  # times of the latest readings
@@ -55,11 +58,14 @@ class SensorState:
         )
 
     def observe(self, ts: float) -> None:
-        """Advance event time to ``ts`` (newer than ``last_ts``)."""
-        if self.last_ts is not None:
-            self.step = ts - self.last_ts
+        """Advance event time to ``ts`` (newer than ``last_ts``). The step is the median
+        spacing of the latest readings: a gap (a night, a weekend) is not a step."""
         self.last_ts = ts
         self._remember(ts)
+        times = self.recent[-(SPACINGS + 1) :]
+        spacings = [later - earlier for earlier, later in itertools.pairwise(times)]
+        if spacings:
+            self.step = lower_median(spacings)
 
     def place(self, ts: float) -> tuple[int, bool] | None:
         """Where a late reading at ``ts`` falls: how many remembered readings are newer,

@@ -119,6 +119,11 @@ def test_the_engine_equals_the_reference_batch_by_batch(
     compare(models, records(seed, 9, 20, per_record))
 
 
+def test_a_baseline_learning_each_sensors_season_equals_the_reference() -> None:
+    models = ModelSet(SeasonalNaive(horizon=6, season=None, max_season=30))
+    compare(models, records(7, 9, 20, 20))
+
+
 def test_a_shadow_and_a_model_with_a_cadence_equal_the_reference() -> None:
     from tests.test_units import EveryOther
 
