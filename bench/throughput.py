@@ -291,18 +291,23 @@ class Latency:
 
 
 async def latency(
-    rate: float, sensors: int, seconds: float, served: Served, workers: int = 1
+    rate: float,
+    sensors: int,
+    seconds: float,
+    served: Served,
+    workers: int = 1,
+    processes: bool = False,
 ) -> Latency:
     """Readings at ``rate`` per second over ``sensors``; latency at a subscriber. With
-    ``workers`` > 1, that many worker processes (``WorkerPool``) instead of one in this
-    process."""
+    ``workers`` > 1 or ``processes``, worker processes (``WorkerPool``) instead of one
+    in this process (which runs the gateway and the subscriber)."""
     with tempfile.TemporaryDirectory() as folder:
         settings = bench_settings(folder, kafka_session_timeout=2)
         install(settings, served)
         async with contextlib.AsyncExitStack() as stack:
             bootstrap = await start_broker(stack, settings, quiet)
             started = time.perf_counter()
-            part = await _workers(stack, settings, bootstrap, workers)
+            part = await _workers(stack, settings, bootstrap, workers, processes)
             context = ApiContext(auth=authenticator(settings))
             stream = await start_gateway(stack, settings, bootstrap, context)
             warm = await guarded(_fill(bootstrap, settings, sensors, served.window), part)
@@ -313,10 +318,14 @@ async def latency(
 
 
 async def _workers(
-    stack: contextlib.AsyncExitStack, settings: Settings, bootstrap: str, count: int
+    stack: contextlib.AsyncExitStack,
+    settings: Settings,
+    bootstrap: str,
+    count: int,
+    processes: bool = False,
 ) -> Failing:
     """One worker in this process, or ``count`` worker processes, as ``forecast up``."""
-    if count <= 1:
+    if count <= 1 and not processes:
         return await start_worker(stack, settings, bootstrap)
     stack.enter_context(worker_env(settings))
     pool = WorkerPool(settings, bootstrap, count)

@@ -485,29 +485,40 @@ def bench() -> None:
 )
 @click.option("--skip-tft", is_flag=True, help="Leave the TFT out (it trains for minutes).")
 @click.option(
+    "--split",
+    "fractions",
+    callback=_fractions,
+    metavar="TRAIN,VALID,TEST",
+    help="Chronological fractions of every row (default: the ETT protocol's rows).",
+)
+@click.option(
     "--season",
     type=click.IntRange(1, 10_000),
-    default=24,
-    show_default=True,
-    help="Season of the online baseline, in steps.",
+    help="Season of the seasonal naive, in steps (default: one day of readings).",
 )
 def bench_accuracy(
     dataset: Path,
     tft_lookback: int,
     skip_tft: bool,
-    season: int,
+    fractions: tuple[float, float, float] | None,
+    season: int | None,
     **options,
 ) -> None:
-    """Train and score our models under the published protocol; print the table."""
+    """Train and score our models under the published protocol (or --split); print the
+    table, with the forecast steps at which each model beats the seasonal naive."""
     import torch
 
+    from models.data import SplitPlan
     from models.evaluation import repeat_last, seasonal_naive
     from models.lstm import LinearLSTMNet
     from models.train import Metrics, evaluate
 
     settings_from_env()
-    series, lstm = _fit("lstm", dataset, **{**options, "batches_per_epoch": None})
+    plan = None if fractions is None else SplitPlan("fractions", fractions)
+    lstm_options = {**options, "batches_per_epoch": None}
+    series, lstm = _fit("lstm", dataset, plan=plan, season=season, **lstm_options)
     config, result = lstm.config, lstm.result
+    season = lstm.meta["data"]["season"]
     if config.lookback < season:
         raise ForecastError(f"--lookback {config.lookback} must cover a season ({season} steps)")
     ridge_only = LinearLSTMNet(config.lookback, config.horizon, config.hidden)
@@ -518,8 +529,8 @@ def bench_accuracy(
     test_values = lstm.split.test[0]
     lookback, horizon = config.lookback, config.horizon
     rows = [
-        ("lstm (ridge skip + LSTM residual)", result.test, f"{result.seconds:.0f}s"),
-        ("  its linear path alone", ridge_metrics, ""),
+        ("lstm (ridge skip + LSTM residual)", result.test, f"{result.seconds:.0f}s", lstm),
+        ("  its linear path alone", ridge_metrics, "", None),
     ]
     if not skip_tft:
         tft_options = {
@@ -528,22 +539,28 @@ def bench_accuracy(
             "lookback": tft_lookback,
             "batches_per_epoch": options["batches_per_epoch"],
         }
-        tft = _fit("tft", dataset, **tft_options)[1]
+        tft = _fit("tft", dataset, plan=plan, season=season, **tft_options)[1]
         label = f"tft (encoder {tft_lookback}, hidden {tft.config.hidden})"
-        rows.append((label, tft.result.test, f"{tft.result.seconds:.0f}s"))
+        rows.append((label, tft.result.test, f"{tft.result.seconds:.0f}s", tft))
     naive = seasonal_naive(test_values, lookback, horizon, season)
+    last = repeat_last(test_values, lookback, horizon)
     rows += [
-        (f"online baseline (seasonal naive, {season})", Metrics(*naive, 0.0, None), ""),
-        ("repeat last", Metrics(*repeat_last(test_values, lookback, horizon), 0.0, None), ""),
+        (f"online baseline (seasonal naive, {season})", Metrics(*naive, 0.0, None), "", None),
+        ("repeat last", Metrics(*last, 0.0, None), "", None),
     ]
     click.echo(
         f"\n{series.name}, horizon {horizon}, lookback {lookback}, test windows "
         f"{len(test_values) - lookback - horizon + 1} x {len(series.columns)} channels"
     )
-    click.echo(f"{'model':<42}{'MSE':>8}{'MAE':>8}{'90% PI cover':>14}{'training':>10}")
-    for label, scored, took in rows:
+    header = f"{'model':<42}{'MSE':>8}{'MAE':>8}{'90% PI cover':>14}{'training':>10}"
+    click.echo(f"{header}{'beats naive at':>16}")
+    for label, scored, took, fitted in rows:
         cover = f"{scored.coverage:.3f}" if scored.coverage is not None else "-"
-        click.echo(f"{label:<42}{scored.mse:>8.3f}{scored.mae:>8.3f}{cover:>14}{took:>10}")
+        naive_steps = fitted.baseline if fitted is not None else None
+        beats = f"{naive_steps['steps_beaten']}/{naive_steps['steps']}" if naive_steps else ""
+        click.echo(
+            f"{label:<42}{scored.mse:>8.3f}{scored.mae:>8.3f}{cover:>14}{took:>10}{beats:>16}"
+        )
     if series.name == "ETTh1" and horizon == 96:
         click.echo(
             "published (ETTh1, horizon 96): "
@@ -551,9 +568,11 @@ def bench_accuracy(
         )
     click.echo(machine())
     given = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items() if v is not None)
+    split = "" if fractions is None else " --split " + ",".join(f"{f:g}" for f in fractions)
     click.echo(
         f"command: forecast bench accuracy --dataset {dataset} {given} "
-        f"--tft-lookback {tft_lookback}{' --skip-tft' if skip_tft else ''} --season {season}"
+        f"--tft-lookback {tft_lookback}{' --skip-tft' if skip_tft else ''}{split} "
+        f"--season {season}"
     )
 
 
@@ -900,12 +919,19 @@ def _stage_table(stages: dict[str, float], readings: int) -> str:
     show_default=True,
     help="Worker processes (1: one worker in the bench's process, as `forecast up`).",
 )
+@click.option(
+    "--worker-process",
+    is_flag=True,
+    help="Run even one worker in a process of its own (as `forecast worker` beside "
+    "`forecast gateway`), not in the gateway's event loop.",
+)
 @_serving_options
 def bench_latency(
     rate: float,
     sensors: int,
     seconds: float,
     workers: int,
+    worker_process: bool,
     model: str,
     train_data: Path | None,
     train_epochs: int,
@@ -919,7 +945,7 @@ def bench_latency(
     settings_from_env()
     served = _served(model, train_data, train_epochs, model_cache)
     click.echo(f"{rate:.0f} readings/s over {sensors} sensors for {seconds:.0f}s...", err=True)
-    r = asyncio.run(latency(rate, sensors, seconds, served, workers))
+    r = asyncio.run(latency(rate, sensors, seconds, served, workers, worker_process))
     click.echo(served.describe())
     click.echo(
         f"warm-up (not timed): {r.warm.readings} readings ({served.window} per sensor) in "
@@ -936,7 +962,7 @@ def bench_latency(
     click.echo(machine())
     click.echo(
         f"command: forecast bench latency --rate {rate:g} --sensors {sensors} --seconds "
-        f"{seconds:g} --workers {workers}"
+        f"{seconds:g} --workers {workers}{' --worker-process' if worker_process else ''}"
         + _serving_args(model, train_data, train_epochs, model_cache)
     )
 
