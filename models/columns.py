@@ -21,9 +21,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from models.base import NOT_DUE, StreamingForecaster, place
+from models.base import NOT_DUE, StreamingForecaster
 from models.baseline import Z_90, SeasonalNaive
 from models.lstm import LSTMForecaster
+from models.rings import Ring, grown
 from models.timing import TimingColumns
 
 
@@ -107,96 +108,6 @@ def advance_rounds(
     return [columns.advance(slots[at], values[at], ts[at]) for at in rounds]
 
 
-def _grown(array: np.ndarray, capacity: int, fill: float = 0) -> np.ndarray:
-    out = np.full((capacity, *array.shape[1:]), fill, dtype=array.dtype)
-    out[: len(array)] = array
-    return out
-
-
-class _Ring:
-    """The latest ``size`` values of every slot: ``data[slot, pos[slot]]`` is the next
-    to be overwritten, ``count`` how many are held (at most ``size``). Each value is
-    written twice (at ``pos`` and ``pos + size``), so a full ring, oldest first, is the
-    contiguous ``data[slot, pos : pos + size]``: gathering many is one strided copy."""
-
-    def __init__(self, capacity: int, size: int, dtype: type) -> None:
-        self.size = size
-        self.data = np.zeros((capacity, 2 * size), dtype=dtype)
-        self.pos = np.zeros(capacity, np.int64)
-        self.count = np.zeros(capacity, np.int64)
-
-    def grow(self, capacity: int) -> None:
-        self.data = _grown(self.data, capacity)
-        self.pos = _grown(self.pos, capacity)
-        self.count = _grown(self.count, capacity)
-
-    def reset(self, slots: np.ndarray) -> None:
-        self.pos[slots] = 0
-        self.count[slots] = 0
-
-    def push(self, slots: np.ndarray, values: np.ndarray) -> None:
-        pos = self.pos[slots]
-        self.data[slots, pos] = values
-        self.data[slots, pos + self.size] = values
-        self.pos[slots] = (pos + 1) % self.size
-        self.count[slots] = np.minimum(self.count[slots] + 1, self.size)
-
-    def widen(self, size: int) -> None:
-        """Room for ``size`` values per slot (no change if there is); the latest kept."""
-        if size <= self.size:
-            return
-        held = self.count
-        index = (self.pos - held)[:, None] + np.arange(self.size)
-        latest = np.take_along_axis(self.data, index % self.size, axis=1)
-        self.data = np.zeros((len(held), 2 * size), dtype=self.data.dtype)
-        self.data[:, : self.size] = latest
-        self.data[:, size : size + self.size] = latest
-        self.size = size
-        self.pos = held % size
-
-    def latest(self, slots: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
-        """The latest ``counts`` values of each slot, oldest first."""
-        index = (self.pos[slots] - counts)[:, None] + np.arange(self.size)
-        rows = np.take_along_axis(self.data[slots], index % self.size, axis=1)
-        return [row[:n] for row, n in zip(rows, counts.tolist(), strict=True)]
-
-    def ordered(self, slots: np.ndarray) -> np.ndarray:
-        """Full rings of ``slots``, oldest first: (n, size)."""
-        windows = np.lib.stride_tricks.sliding_window_view(self.data, self.size, axis=1)
-        return windows[slots, self.pos[slots]]
-
-    def row(self, slot: int) -> np.ndarray:
-        """One slot's held values, oldest first."""
-        count = int(self.count[slot])
-        if count < self.size:
-            return self.data[slot, :count].copy()
-        start = int(self.pos[slot])
-        return self.data[slot, start : start + self.size].copy()
-
-    def rows(self, slots: np.ndarray) -> list[np.ndarray]:
-        """:meth:`row` of many slots: the full ones gathered at once."""
-        full = self.count[slots] == self.size
-        out: list[np.ndarray] = [None] * len(slots)  # type: ignore[list-item]
-        index = np.flatnonzero(full)
-        for i, row in zip(index.tolist(), self.ordered(slots[index]), strict=True):
-            out[i] = row
-        for i in np.flatnonzero(~full).tolist():
-            out[i] = self.row(int(slots[i]))
-        return out
-
-    def set_row(self, slot: int, values: np.ndarray) -> None:
-        values = values[-self.size :]
-        self.data[slot, : len(values)] = values
-        self.data[slot, self.size : self.size + len(values)] = values
-        self.count[slot] = len(values)
-        self.pos[slot] = len(values) % self.size
-
-    def place(self, slot: int, value: float, newer: int, replace: bool) -> None:
-        values = self.row(slot).tolist()
-        place(values, value, newer, replace, self.size)
-        self.set_row(slot, np.asarray(values, dtype=self.data.dtype))
-
-
 class NaiveColumns:
     """:class:`models.baseline.SeasonalNaive` over slots: the latest values of each slot's
     season in a ring as wide as the longest season (widened as seasons are learned), the
@@ -205,7 +116,7 @@ class NaiveColumns:
 
     def __init__(self, forecaster: SeasonalNaive, capacity: int) -> None:
         self.forecaster = forecaster
-        self.history = _Ring(capacity, forecaster.season or 2, np.float64)
+        self.history = Ring(capacity, forecaster.season or 2, np.float64)
         self.held = np.zeros(capacity, np.int64)  # values of the slot's season held
         self.var = np.zeros(capacity)
         self.errors = np.zeros(capacity, np.int64)
@@ -214,9 +125,9 @@ class NaiveColumns:
 
     def grow(self, capacity: int) -> None:
         self.history.grow(capacity)
-        self.held = _grown(self.held, capacity)
-        self.var = _grown(self.var, capacity)
-        self.errors = _grown(self.errors, capacity)
+        self.held = grown(self.held, capacity)
+        self.var = grown(self.var, capacity)
+        self.errors = grown(self.errors, capacity)
         if self.timing is not None:
             self.timing.grow(capacity)
 
@@ -306,15 +217,15 @@ class LSTMColumns:
 
     def __init__(self, forecaster: LSTMForecaster, capacity: int) -> None:
         self.forecaster = forecaster
-        self.window = _Ring(capacity, forecaster.lookback, np.float32)
+        self.window = Ring(capacity, forecaster.lookback, np.float32)
         hidden = forecaster.net.hidden
         self.h = np.zeros((capacity, hidden), np.float32)
         self.c = np.zeros((capacity, hidden), np.float32)
 
     def grow(self, capacity: int) -> None:
         self.window.grow(capacity)
-        self.h = _grown(self.h, capacity)
-        self.c = _grown(self.c, capacity)
+        self.h = grown(self.h, capacity)
+        self.c = grown(self.c, capacity)
 
     def reset(self, slots: np.ndarray) -> None:
         self.window.reset(slots)

@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from models.rings import Ring, grown
+
 DAY = 86_400.0
 WEEKLY_STEP = 0.75 * DAY  # from this step on, a season is a week (daily readings, jittered)
 SPACINGS = 9  # spacings kept per sensor; their median is its step
@@ -102,21 +104,17 @@ class TimingColumns:
         self.max_season = max_season
         self.season = np.zeros(capacity, np.int64)
         self.last_ts = np.full(capacity, np.nan)
-        self.spacings = _Recent(capacity, SPACINGS, np.float64)
+        self.spacings = Ring(capacity, SPACINGS, np.float64)
         self.day = np.zeros(capacity, np.int64)
         self.has_day = np.zeros(capacity, bool)
         self.today = np.zeros(capacity, np.int64)
         self.cut = np.ones(capacity, bool)
-        self.days = _Recent(capacity, DAYS, np.int64)
+        self.days = Ring(capacity, DAYS, np.int64)
 
     def grow(self, capacity: int) -> None:
-        n = len(self.season)
         fills = {"season": 0, "last_ts": np.nan, "day": 0, "has_day": False, "today": 0}
         for name, fill in {**fills, "cut": True}.items():
-            old = getattr(self, name)
-            new = np.full(capacity, fill, dtype=old.dtype)
-            new[:n] = old
-            setattr(self, name, new)
+            setattr(self, name, grown(getattr(self, name), capacity, fill))
         self.spacings.grow(capacity)
         self.days.grow(capacity)
 
@@ -145,7 +143,8 @@ class TimingColumns:
         self.day[new], self.has_day[new], self.today[new] = day[~same], True, 1
         known = slots[self.spacings.count[slots] > 0]
         if len(known):
-            season = daily_season(self.spacings.lower_median(known), self.days.lower_median(known))
+            step, typical = _lower_median(self.spacings, known), _lower_median(self.days, known)
+            season = daily_season(step, np.nan_to_num(typical).astype(np.int64))
             self.season[known] = np.minimum(season, self.max_season)
         return self.season[slots]
 
@@ -163,12 +162,12 @@ class TimingColumns:
             for season, last, spacings, day, has, today, cut, days in zip(
                 self.season[slots].tolist(),
                 self.last_ts[slots].tolist(),
-                self.spacings.rows(slots),
+                _lists(self.spacings, slots),
                 self.day[slots].tolist(),
                 self.has_day[slots].tolist(),
                 self.today[slots].tolist(),
                 self.cut[slots].tolist(),
-                self.days.rows(slots),
+                _lists(self.days, slots),
                 strict=True,
             )
         ]
@@ -178,56 +177,20 @@ class TimingColumns:
         doc = {**timing_state(), **{k: v for k, v in doc.items() if k in timing_state()}}
         self.season[slot] = doc["season"]
         self.last_ts[slot] = np.nan if doc["last_ts"] is None else doc["last_ts"]
-        self.spacings.set_row(slot, doc["spacings"])
+        self.spacings.set_row(slot, np.asarray(doc["spacings"], np.float64))
         self.has_day[slot] = doc["day"] is not None
         self.day[slot] = doc["day"] or 0
         self.today[slot] = doc["today"]
         self.cut[slot] = doc["cut"]
-        self.days.set_row(slot, doc["days"])
+        self.days.set_row(slot, np.asarray(doc["days"], np.int64))
 
 
-class _Recent:
-    """The latest ``size`` values of every slot, in a ring (order kept for snapshots)."""
+def _lower_median(ring: Ring, slots: np.ndarray) -> np.ndarray:
+    """:func:`lower_medians` of each slot's held values (NaN where none)."""
+    rows = ring.data[slots, : ring.size].astype(np.float64)
+    rows[np.arange(ring.size) >= ring.count[slots, None]] = np.nan
+    return lower_medians(rows)
 
-    def __init__(self, capacity: int, size: int, dtype: type) -> None:
-        self.size = size
-        self.data = np.zeros((capacity, size), dtype)
-        self.pos = np.zeros(capacity, np.int64)
-        self.count = np.zeros(capacity, np.int64)
 
-    def grow(self, capacity: int) -> None:
-        n = len(self.pos)
-        for name in ("data", "pos", "count"):
-            old = getattr(self, name)
-            new = np.zeros((capacity, *old.shape[1:]), old.dtype)
-            new[:n] = old
-            setattr(self, name, new)
-
-    def reset(self, slots: np.ndarray) -> None:
-        self.pos[slots] = 0
-        self.count[slots] = 0
-
-    def push(self, slots: np.ndarray, values: np.ndarray) -> None:
-        pos = self.pos[slots]
-        self.data[slots, pos] = values
-        self.pos[slots] = (pos + 1) % self.size
-        self.count[slots] = np.minimum(self.count[slots] + 1, self.size)
-
-    def lower_median(self, slots: np.ndarray) -> np.ndarray:
-        """:func:`lower_median` of each slot's values; 0 where a slot holds none."""
-        rows = self.data[slots].astype(np.float64)
-        rows[np.arange(self.size) >= self.count[slots, None]] = np.nan
-        return np.nan_to_num(lower_medians(rows)).astype(self.data.dtype)
-
-    def rows(self, slots: np.ndarray) -> list[list]:
-        """Each slot's values, oldest first."""
-        count = self.count[slots]
-        index = (self.pos[slots] - count)[:, None] + np.arange(self.size)
-        ordered = np.take_along_axis(self.data[slots], index % self.size, axis=1)
-        return [row[:n] for row, n in zip(ordered.tolist(), count.tolist(), strict=True)]
-
-    def set_row(self, slot: int, values: list) -> None:
-        values = list(values)[-self.size :]
-        self.data[slot, : len(values)] = values
-        self.count[slot] = len(values)
-        self.pos[slot] = len(values) % self.size
+def _lists(ring: Ring, slots: np.ndarray) -> list[list]:
+    return [row.tolist() for row in ring.rows(slots)]
