@@ -54,9 +54,10 @@ case "${1:-}" in
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .
     "$VENV/bin/lint-imports"  # the one-way layers (pyproject.toml, [tool.importlinter])
-    # Line coverage of the product packages, the processes the tests start included
-    # (pyproject.toml, [tool.coverage.*]).
-    exec "$VENV/bin/python" -m pytest --cov --cov-report=term "$@"
+    # Line coverage on request: `bash deploy/local.sh test --cov --cov-report=term`
+    # (pyproject.toml, [tool.coverage.*]; the processes the tests start included). It
+    # doubles the CPU of every process, so the default run goes without it.
+    exec "$VENV/bin/python" -m pytest "$@"
     ;;
   *)
     echo "usage: bash deploy/local.sh up [options] | test [pytest options]" >&2

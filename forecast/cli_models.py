@@ -493,6 +493,7 @@ def bench() -> None:
 )
 @click.option(
     "--season",
+    "given_season",
     type=click.IntRange(1, 10_000),
     help="Season of the seasonal naive, in steps (default: one day of readings).",
 )
@@ -501,7 +502,7 @@ def bench_accuracy(
     tft_lookback: int,
     skip_tft: bool,
     fractions: tuple[float, float, float] | None,
-    season: int | None,
+    given_season: int | None,
     **options,
 ) -> None:
     """Train and score our models under the published protocol (or --split); print the
@@ -516,7 +517,7 @@ def bench_accuracy(
     settings_from_env()
     plan = None if fractions is None else SplitPlan("fractions", fractions)
     lstm_options = {**options, "batches_per_epoch": None}
-    series, lstm = _fit("lstm", dataset, plan=plan, season=season, **lstm_options)
+    series, lstm = _fit("lstm", dataset, plan=plan, season=given_season, **lstm_options)
     config, result = lstm.config, lstm.result
     season = lstm.meta["data"]["season"]
     if config.lookback < season:
@@ -539,7 +540,7 @@ def bench_accuracy(
             "lookback": tft_lookback,
             "batches_per_epoch": options["batches_per_epoch"],
         }
-        tft = _fit("tft", dataset, plan=plan, season=season, **tft_options)[1]
+        tft = _fit("tft", dataset, plan=plan, season=given_season, **tft_options)[1]
         label = f"tft (encoder {tft_lookback}, hidden {tft.config.hidden})"
         rows.append((label, tft.result.test, f"{tft.result.seconds:.0f}s", tft))
     naive = seasonal_naive(test_values, lookback, horizon, season)

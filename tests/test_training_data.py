@@ -498,3 +498,19 @@ def test_a_tft_on_five_minute_data_serves_what_it_evaluated(tmp_path: Path) -> N
     assert len(streamed) == len(values) - 36 - 12 + 1
     assert np.allclose(np.array(streamed[: len(offline)]), offline, atol=1e-5)
     assert torch.isfinite(torch.as_tensor(offline)).all()
+
+
+def test_bench_accuracy_splits_finds_the_season_and_counts_the_steps_beaten(
+    sleepy: Path, tmp_path: Path
+) -> None:
+    """On business hours, a split of every row: the naive's season is the 169 readings of
+    a business day, and each model's row says at how many steps it beats that naive."""
+    args = ["bench", "accuracy", "--dataset", str(sleepy), "--skip-tft", "--split", "0.6,0.2,0.2"]
+    result = cli(*args, "--horizon", "6", "--lookback", "200", "--hidden", "4", "--epochs",
+                 "1", data_dir=tmp_path)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lstm = next(line for line in result.output.splitlines() if line.startswith("lstm"))
+    beaten, steps = lstm.split()[-1].split("/")
+    assert steps == "6" and 0 <= int(beaten) <= 6
+    assert "online baseline (seasonal naive, 169)" in result.output
+    assert "--split 0.6,0.2,0.2 --season 169" in result.output
