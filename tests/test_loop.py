@@ -63,7 +63,8 @@ def wait_for_action(system: System, action: str, within: float) -> list[dict]:
         if any(d["action"] == action for d in done):
             return done
         assert time.monotonic() < deadline, f"no {action!r} decision; so far: {done}"
-        assert not any(d["action"] == "failed" for d in done), done
+        failed = [d["detail"] for d in done if d["action"] == "failed"]
+        assert not failed, failed  # the errors, whole
         time.sleep(1.0)
 
 
