@@ -174,7 +174,8 @@ class TimingColumns:
 
     def from_doc(self, slot: int, doc: dict) -> None:
         """Restore one slot; a state without timing (a fixed season's) starts afresh."""
-        doc = {**timing_state(), **{k: v for k, v in doc.items() if k in timing_state()}}
+        fresh = timing_state()
+        doc = {key: doc.get(key, fresh[key]) for key in fresh}
         self.season[slot] = doc["season"]
         self.last_ts[slot] = np.nan if doc["last_ts"] is None else doc["last_ts"]
         self.spacings.set_row(slot, np.asarray(doc["spacings"], np.float64))

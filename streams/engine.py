@@ -47,7 +47,7 @@ from models.columns import (
     columns_for,
 )
 from models.online import OnlineConfig
-from models.timing import lower_medians, spacing_rows
+from models.timing import SPACINGS, lower_medians, spacing_rows
 from streams.adaptation import AdaptationColumns
 from streams.drift import DriftColumns
 from streams.pipeline import RawRecord, state_key
@@ -369,7 +369,7 @@ class Engine:
             slots = a.slot[at]
             s.last_ts[slots] = a.ts[at]
             s.remember(slots, a.ts[at])
-            step = lower_medians(spacing_rows(s.recent[slots]))
+            step = lower_medians(spacing_rows(s.recent[slots, -(SPACINGS + 1) :]))
             step = np.where(np.isnan(step), s.step[slots], step)
             s.step[slots] = a.step[at] = step
 
