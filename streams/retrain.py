@@ -16,6 +16,7 @@ retired. Each step is logged and stored in ``model_decisions``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -38,6 +39,7 @@ from models.registry import ModelRef, Registry
 from sinks.clickhouse import Store
 
 log = logging.getLogger(__name__)
+RECENT_EVENTS = 10_000  # triggering drift events kept for the policy, at most
 PARTITIONS_TIMEOUT = 60.0  # seconds the drift listener waits for its topic's partitions
 
 KINDS = {"linear-lstm": "lstm", "tft": "tft"}
@@ -124,7 +126,9 @@ class Retrainer:
         self.store = store
         self.registry = registry
         self.clock = clock
-        self.recent: dict[str, float] = {}  # sensor -> event time of its latest drift
+        # (event time, sensor) of the triggering events since the last retraining, in
+        # arrival order: the workers' events interleave, each worker at its own pace
+        self.recent: collections.deque[tuple[float, str]] = collections.deque(maxlen=RECENT_EVENTS)
         self.last_run: float | None = None
         self.training: asyncio.Task | None = None
         self.candidate: tuple[ModelRef, ModelRef] | None = None  # (shadow, production)
@@ -139,21 +143,38 @@ class Retrainer:
         for event in sorted(events, key=lambda e: e.ts):
             if event.signal not in TRIGGERING:
                 continue
-            self.recent[event.sensor_id] = event.ts
-            horizon = event.ts - self.settings.retrain_window
-            self.recent = {s: t for s, t in self.recent.items() if t >= horizon}
+            self.recent.append((event.ts, event.sensor_id))
+            sensors = self._window_around(event.ts)
             now = self.clock()
-            if self._due(now):
-                sensors = sorted(self.recent)
+            if len(sensors) >= self.settings.retrain_sensors and self._due(now):
                 self.recent.clear()
                 self.last_run = now
                 self.training = asyncio.get_running_loop().create_task(
-                    self.retrain(sensors), name="retrain"
+                    self.retrain(sorted(sensors)), name="retrain"
                 )
 
+    def _window_around(self, ts: float) -> set[str]:
+        """The most distinct sensors with an event in one window of ``retrain_window``
+        seconds that holds ``ts``, whatever order the events arrived in (one worker may be
+        days of sensor time ahead of another in a replay)."""
+        width = self.settings.retrain_window
+        near = sorted((t, s) for t, s in self.recent if abs(t - ts) <= width)
+        best: set[str] = set()
+        inside: collections.Counter[str] = collections.Counter()
+        low = 0
+        for t, sensor in near:  # windows ending at each event: two pointers over the times
+            inside[sensor] += 1
+            while near[low][0] < t - width:
+                gone = near[low][1]
+                inside[gone] -= 1
+                if not inside[gone]:
+                    del inside[gone]
+                low += 1
+            if t >= ts and near[low][0] <= ts and len(inside) > len(best):
+                best = set(inside)
+        return best
+
     def _due(self, now: float) -> bool:
-        if len(self.recent) < self.settings.retrain_sensors:
-            return False
         if self.training is not None and not self.training.done():
             return False
         if self.candidate is not None:

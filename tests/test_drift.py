@@ -109,3 +109,28 @@ async def test_the_policy_needs_several_sensors_within_the_window() -> None:
     retrainer.notice([event(s, 6000) for s in "efg"])  # enough again, but cooling down
     await asyncio.sleep(0)
     assert started == [["b", "c", "d"]]
+
+
+async def test_the_policy_counts_events_whatever_order_the_workers_send_them_in() -> None:
+    """Two workers replaying at their own pace: one's events arrive days of sensor time
+    ahead of the other's; the window still finds the sensors that drifted together."""
+    settings = load_settings(retrain_sensors=4, retrain_window=3600, retrain_cooldown=0)
+    started: list[list[str]] = []
+    retrainer = Retrainer(settings, store=None, registry=None, clock=lambda: 0.0)
+
+    async def fake_retrain(sensors: list[str]) -> None:
+        started.append(sensors)
+
+    retrainer.retrain = fake_retrain
+
+    def event(sensor: str, ts: float) -> DriftEvent:
+        return DriftEvent(sensor, ts, "adwin", "residual", "", 0)
+
+    day = 86_400.0
+    retrainer.notice([event("a", 10 * day), event("b", 10 * day + 60)])  # the shift, worker A
+    retrainer.notice([event("a", 13 * day), event("b", 14 * day)])  # worker A, days later
+    retrainer.notice([event("x", 2 * day)])  # worker B, a lone event before the shift
+    assert retrainer.training is None
+    retrainer.notice([event("c", 10 * day + 900), event("d", 10 * day + 1200)])  # B's shift
+    await asyncio.sleep(0)
+    assert started == [["a", "b", "c", "d"]]

@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 from websockets.asyncio.client import connect
 
@@ -66,6 +67,24 @@ def wait_for_action(system: System, action: str, within: float) -> list[dict]:
         failed = [d["detail"] for d in done if d["action"] == "failed"]
         assert not failed, failed  # the errors, whole
         time.sleep(1.0)
+
+
+async def group_settled(bootstrap: str, members: int, within: float = 60.0) -> None:
+    """Wait until the workers' group is stable with ``members`` members: a
+    rebalance in the middle of the replay would restart the moved sensors' detectors."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + within
+        while True:
+            (group,) = await admin.describe_consumer_groups(["forecast-worker"])
+            _, _, state, _, _, joined = group.groups[0][:6]  # DescribeGroups v0 fields
+            if state == "Stable" and len(joined) == members:
+                return
+            assert time.monotonic() < deadline, f"the workers' group did not settle: {state}"
+            await asyncio.sleep(0.5)
+    finally:
+        await admin.close()
 
 
 async def replay_listening(system: System, *args: str) -> list[dict]:
@@ -125,7 +144,11 @@ def test_a_shift_is_detected_retrained_compared_and_promoted(
         FORECAST_WS_QUEUE_SIZE="20000",  # the listener takes every prediction of the replay
     )
     try:
+        asyncio.run(group_settled(system.kafka, members=2))
         drift = asyncio.run(replay_listening(system, str(shifted), "--limit", str(FIRST)))
+        assert drift, "no drift message reached the subscriber during the replay"
+        heard = sorted({(m["signal"], m["sensor_id"]) for m in drift})
+        print("drift at the subscriber (signal, sensor):", heard)
         done = wait_for_action(system, "trained", within=120)
         triggered = next(d for d in done if d["action"] == "triggered")
         assert len(triggered["detail"]["sensors"]) >= 5
