@@ -87,19 +87,26 @@ def test_unknown_detectors_are_refused() -> None:
         DriftConfig(detectors=("cusum",))
 
 
-async def test_the_policy_needs_several_sensors_within_the_window() -> None:
-    settings = load_settings(retrain_sensors=3, retrain_window=3600, retrain_cooldown=600)
-    started: list[list[str]] = []
-    retrainer = Retrainer(settings, store=None, registry=None, clock=lambda: 0.0)
+def event(
+    sensor: str, ts: float, signal: str = "level", detector: str = "page_hinkley"
+) -> DriftEvent:
+    return DriftEvent(sensor, ts, detector, signal, "", 0)
 
-    async def fake_retrain(sensors: list[str]) -> None:
+
+def policy(**settings: float) -> tuple[Retrainer, list[list[str]]]:
+    """A retrainer whose retraining only records the sensors it was started for."""
+    started: list[list[str]] = []
+    retrainer = Retrainer(load_settings(**settings), store=None, registry=None, clock=lambda: 0.0)
+
+    async def record(sensors: list[str]) -> None:
         started.append(sensors)
 
-    retrainer.retrain = fake_retrain
+    retrainer.retrain = record
+    return retrainer, started
 
-    def event(sensor: str, ts: float, signal: str = "level") -> DriftEvent:
-        return DriftEvent(sensor, ts, "page_hinkley", signal, "", 0)
 
+async def test_the_policy_needs_several_sensors_within_the_window() -> None:
+    retrainer, started = policy(retrain_sensors=3, retrain_window=3600, retrain_cooldown=600)
     retrainer.notice([event("a", 0), event("b", 5000)])  # too far apart
     retrainer.notice([event("c", 5100, "distribution")])  # not a triggering signal
     assert retrainer.training is None
@@ -114,23 +121,16 @@ async def test_the_policy_needs_several_sensors_within_the_window() -> None:
 async def test_the_policy_counts_events_whatever_order_the_workers_send_them_in() -> None:
     """Two workers replaying at their own pace: one's events arrive days of sensor time
     ahead of the other's; the window still finds the sensors that drifted together."""
-    settings = load_settings(retrain_sensors=4, retrain_window=3600, retrain_cooldown=0)
-    started: list[list[str]] = []
-    retrainer = Retrainer(settings, store=None, registry=None, clock=lambda: 0.0)
+    retrainer, started = policy(retrain_sensors=4, retrain_window=3600, retrain_cooldown=0)
 
-    async def fake_retrain(sensors: list[str]) -> None:
-        started.append(sensors)
-
-    retrainer.retrain = fake_retrain
-
-    def event(sensor: str, ts: float) -> DriftEvent:
-        return DriftEvent(sensor, ts, "adwin", "residual", "", 0)
+    def residual(sensor: str, ts: float) -> DriftEvent:
+        return event(sensor, ts, "residual", "adwin")
 
     day = 86_400.0
-    retrainer.notice([event("a", 10 * day), event("b", 10 * day + 60)])  # the shift, worker A
-    retrainer.notice([event("a", 13 * day), event("b", 14 * day)])  # worker A, days later
-    retrainer.notice([event("x", 2 * day)])  # worker B, a lone event before the shift
+    retrainer.notice([residual("a", 10 * day), residual("b", 10 * day + 60)])  # the shift, worker A
+    retrainer.notice([residual("a", 13 * day), residual("b", 14 * day)])  # worker A, days later
+    retrainer.notice([residual("x", 2 * day)])  # worker B, a lone event before the shift
     assert retrainer.training is None
-    retrainer.notice([event("c", 10 * day + 900), event("d", 10 * day + 1200)])  # B's shift
+    retrainer.notice([residual("c", 10 * day + 900), residual("d", 10 * day + 1200)])  # B's shift
     await asyncio.sleep(0)
     assert started == [["a", "b", "c", "d"]]

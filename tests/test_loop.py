@@ -18,6 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 from websockets.asyncio.client import connect
 
+from forecast.settings import ENV_PREFIX, Settings, load_settings
 from models.registry import Registry
 from tests.conftest import ETTH1, System, base_env, run_cli, start_system
 
@@ -69,15 +70,23 @@ def wait_for_action(system: System, action: str, within: float) -> list[dict]:
         time.sleep(1.0)
 
 
-async def group_settled(bootstrap: str, members: int, within: float = 60.0) -> None:
+def worker_group(system: System) -> str:
+    """The consumer group the system's workers join, from the settings it runs with."""
+    env = {k.removeprefix(ENV_PREFIX).lower(): v for k, v in system.env.items()}
+    settings = load_settings(**{k: v for k, v in env.items() if k in Settings.model_fields})
+    return settings.topic(settings.worker_app)
+
+
+async def group_settled(system: System, members: int, within: float = 60.0) -> None:
     """Wait until the workers' group is stable with ``members`` members: a
     rebalance in the middle of the replay would restart the moved sensors' detectors."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    group_id = worker_group(system)
+    admin = AIOKafkaAdminClient(bootstrap_servers=system.kafka)
     await admin.start()
     try:
         deadline = time.monotonic() + within
         while True:
-            (group,) = await admin.describe_consumer_groups(["forecast-worker"])
+            (group,) = await admin.describe_consumer_groups([group_id])
             _, _, state, _, _, joined = group.groups[0][:6]  # DescribeGroups v0 fields
             if state == "Stable" and len(joined) == members:
                 return
@@ -144,7 +153,7 @@ def test_a_shift_is_detected_retrained_compared_and_promoted(
         FORECAST_WS_QUEUE_SIZE="20000",  # the listener takes every prediction of the replay
     )
     try:
-        asyncio.run(group_settled(system.kafka, members=2))
+        asyncio.run(group_settled(system, members=2))
         drift = asyncio.run(replay_listening(system, str(shifted), "--limit", str(FIRST)))
         assert drift, "no drift message reached the subscriber during the replay"
         heard = sorted({(m["signal"], m["sensor_id"]) for m in drift})
