@@ -58,6 +58,7 @@ from bench.serving import (
     guarded,
     history,
     install,
+    metric_counts,
     produce,
     quiet,
     rounds,
@@ -66,6 +67,7 @@ from bench.serving import (
     worker_env,
 )
 from forecast import metrics
+from forecast.errors import ForecastError
 from forecast.kafka import Transport
 from forecast.runtime import Failing, authenticator, start_broker, start_gateway, start_worker
 from forecast.settings import Settings
@@ -74,6 +76,7 @@ from gateway.http import ApiContext
 
 COPY = "bench.copy"  # the timed records again, for the raw consumer and the plain agent
 COMMIT_TIMEOUT = 1800.0
+STALL_CHECK = 5.0  # seconds between checks that a stalled run is over
 
 
 @dataclass
@@ -144,10 +147,14 @@ async def _engine(
         began = time.perf_counter()
         producing = asyncio.create_task(produce(bootstrap, [topic, COPY], timed))
         first: tuple[float, float] | None = None  # when progress was first seen, and how much
-        async with asyncio.timeout(COMMIT_TIMEOUT):
+        async with Commits(bootstrap, group, topic) as commits, asyncio.timeout(COMMIT_TIMEOUT):
+            checked = (time.perf_counter(), -1.0)
             while (taken := _accepted() - before) < readings:
                 if first is None and taken > 0:
                     first = (time.perf_counter(), taken)
+                if time.perf_counter() - checked[0] >= STALL_CHECK:
+                    await _refuse_a_stall(commits, producing, warm, taken, checked[1])
+                    checked = (time.perf_counter(), taken)
                 await asyncio.sleep(0.005)
         ended = time.perf_counter()
         stages = dict(worker.processor.seconds)
@@ -158,6 +165,23 @@ async def _engine(
         return Run(ended - began, served, stages), warm_seconds, main
     seconds = (ended - first[0]) * readings / (readings - first[1])
     return Run(seconds, served, stages), warm_seconds, main
+
+
+async def _refuse_a_stall(
+    commits: Commits, producing: asyncio.Task, warm: Produced, taken: float, before: float
+) -> None:
+    """ForecastError if the worker committed every record but accepted fewer readings
+    than the timed part holds (no progress since the last check): the rest was refused
+    (e.g. taken as repeats after a rebalance), and waiting longer would not change it."""
+    if taken != before or not producing.done():
+        return
+    if await commits.total() < warm.records + producing.result().records:
+        return
+    outcomes = metric_counts("forecast_readings", "result")
+    raise ForecastError(
+        f"the worker committed every record but accepted {taken:.0f} of the timed readings; "
+        f"its outcomes since the start: {dict(outcomes)}"
+    )
 
 
 def _accepted() -> float:

@@ -30,15 +30,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_kafka
 
 FETCH_WAIT_MS = 10
+KEY_CACHE_SIZE = 1 << 17  # keys whose partition is remembered, per topic
+_KEY_PARTITIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per producer
 log = logging.getLogger(__name__)
 
 
@@ -122,8 +126,9 @@ async def _route(
     client: AIOKafkaProducer, messages: Iterable[OutgoingMessage]
 ) -> dict[TopicPartition, list[_Record]]:
     """The messages by destination, in order; partitions chosen as ``client.send`` does."""
-    routed: dict[TopicPartition, list[_Record]] = defaultdict(list)
+    routed: dict[tuple[str, int], list[_Record]] = defaultdict(list)
     partitions: dict[str, tuple[list[int], list[int]]] = {}
+    by_key: dict[str, dict[bytes, int]] = {}  # topic -> key -> partition, if deterministic
     for topic, key, value, headers, partition in messages:
         listed = list(headers.items()) if isinstance(headers, Mapping) else list(headers or ())
         key_bytes, value_bytes = client._serialize(key, value, listed)  # checks the size
@@ -135,9 +140,31 @@ async def _route(
                     list(metadata.partitions_for_topic(topic)),
                     list(metadata.available_partitions_for_topic(topic)),
                 )
-            partition = client._partitioner(key_bytes, *partitions[topic])
-        routed[TopicPartition(topic, partition)].append((key_bytes, value_bytes, listed))
-    return routed
+                by_key[topic] = _key_partitions(client, topic, partitions[topic][0])
+            known = by_key[topic]
+            partition = None if key_bytes is None else known.get(key_bytes)
+            if partition is None:
+                partition = client._partitioner(key_bytes, *partitions[topic])
+                if key_bytes is not None and len(known) < KEY_CACHE_SIZE:
+                    known[key_bytes] = partition
+        routed[topic, partition].append((key_bytes, value_bytes, listed))
+    return {TopicPartition(*tp): records for tp, records in routed.items()}
+
+
+def _key_partitions(
+    client: AIOKafkaProducer, topic: str, partitions: list[int]
+) -> dict[bytes, int]:
+    """The remembered partition of each key of ``topic`` (aiokafka's murmur2 is pure
+    Python, and a sensor's key recurs in every batch): kept while the topic's partitions
+    stay the same, and only for the default partitioner, whose choice for a key depends on
+    the key and the partitions alone. Any other partitioner: a dict that stays empty."""
+    if type(client._partitioner) is not DefaultPartitioner:
+        return {}
+    cache = _KEY_PARTITIONS.setdefault(client, {})
+    held = cache.get(topic)
+    if held is None or held[0] != partitions:
+        held = cache[topic] = (partitions, {})
+    return held[1]
 
 
 async def _submit(

@@ -138,7 +138,12 @@ class OnlineAdapter:
                 return learned[rows]
             # Not a matrix product: BLAS may round differently for another number of rows,
             # and a sensor's forecasts must not depend on which others share its batch.
-            return np.sum(learned[rows][:, None, :] * knots[None], axis=-1)
+            # The knots' terms are added in order, as a sum over so few terms adds them.
+            picked = learned[rows]
+            total = picked[:, :1] * knots[:, 0]
+            for k in range(1, knots.shape[1]):
+                total += picked[:, k : k + 1] * knots[:, k]
+            return total
 
         floor = _FLOOR * self.scale[rows][:, None]
         below = np.maximum(point - lower, floor) * np.exp(at(self.log_lower))

@@ -102,17 +102,25 @@ def readings_block_table(block: ReadingBlock, now: float | None = None) -> pa.Ta
     """:func:`readings_table` from columns."""
     now = time.time() if now is None else now
     n = len(block)
-    covariates = block.covariates or [{}] * n
     return pa.Table.from_arrays(
         [
             pa.array(block.sensor_id, pa.string()),
             _ms(block.ts),
             pa.array(block.value, pa.float64()),
-            pa.array([list(c.items()) for c in covariates], SCHEMAS["readings"][3].type),
+            _covariates(block.covariates, n),
             _ms(np.full(n, now)),
         ],
         schema=SCHEMAS["readings"],
     )
+
+
+def _covariates(covariates: list[dict[str, float]] | None, n: int) -> pa.Array:
+    """The covariates column; ``None``: n empty maps, built without a Python object each."""
+    kind = SCHEMAS["readings"][3].type
+    if covariates is not None:
+        return pa.array([list(c.items()) for c in covariates], kind)
+    offsets = pa.array(np.zeros(n + 1, np.int32))
+    return pa.MapArray.from_arrays(offsets, pa.array([], pa.string()), pa.array([], pa.float64()))
 
 
 def _lists(rows: np.ndarray) -> pa.Array:

@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -471,16 +471,18 @@ class Engine:
         if self.drift is None:
             return []
         error, source, keys = one_step
-        names = [("", 0) if k < 0 else keys[k].rsplit("@", 1) for k in source.tolist()]
+        names = [key.rsplit("@", 1) for key in keys] + [("", "0")]  # source -1: the last
+        models = np.asarray([name for name, _ in names])[source]
+        versions = np.asarray([int(version) for _, version in names], np.int64)[source]
         positions = a.position[at]
         events = self.drift.observe(
             a.slot[at],
-            [parsed.sensor_id[p] for p in positions.tolist()],
+            _Picked(parsed.sensor_id, positions),
             a.ts[at],
             a.value[at],
             error,
-            [name for name, _ in names],
-            [int(version) for _, version in names],
+            models,
+            versions,
         )
         return [(int(positions[i]), event) for i, event in events]
 
@@ -528,14 +530,14 @@ class Engine:
             if adaptation is not None and mask.any():
                 corrected = adaptation.apply(slots[mask], yhat[mask], lower[mask], upper[mask])
                 yhat[mask], lower[mask], upper[mask] = corrected
-        names = [(models.production if m else models.baseline) for m in pick_main.tolist()]
-        ids = [self.slots.ids[slot] for slot in slots.tolist()]
+        served = (models.baseline, models.production or models.baseline)  # by pick_main
+        pick = pick_main.astype(np.intp)
         block = PredictionBlock(
-            ids,
+            list(map(self.slots.ids.__getitem__, slots.tolist())),
             a.ts[at][rows],
             now,
-            [f.name for f in names],
-            np.asarray([f.version for f in names], np.int64),
+            np.asarray([f.name for f in served], object)[pick].tolist(),
+            np.asarray([f.version for f in served], np.int64)[pick],
             step[rows],
             yhat,
             lower,
@@ -671,3 +673,17 @@ def _in_record_order(
     keyed += [((r, 1, i), rejection) for r, i, rejection in late]
     keyed.sort(key=lambda item: item[0])
     return [(records[key[0]], rejection) for key, rejection in keyed]
+
+
+class _Picked(Sequence[str]):
+    """``values[positions[i]]`` for each ``i``, looked up only when asked (the drift
+    detectors need a reading's sensor id only for the rare reading that drifts)."""
+
+    def __init__(self, values: Sequence[str], positions: np.ndarray) -> None:
+        self.values, self.positions = values, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> str:  # type: ignore[override]  # no slices
+        return self.values[int(self.positions[i])]

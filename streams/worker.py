@@ -482,29 +482,29 @@ class Worker:
         self, result: BatchOutput, trace_headers: list | None, partition: int
     ) -> list[tuple]:
         """The batch's messages, routed: (topic, key, value, headers, partition)."""
-        messages: list[tuple] = []
+        routed: list[tuple] = []  # partition None: the partition of the key
         if result.predictions is not None:
             topic = self.settings.topic("predictions")
-            messages += [
-                (topic, sensor_id.encode(), value, trace_headers)
+            routed += [
+                (topic, sensor_id.encode(), value, trace_headers, None)
                 for sensor_id, value in zip(
                     result.predictions.sensor_id, result.predictions.messages(), strict=True
                 )
             ]
-        messages += [
-            dead_letter(self.settings.topic("readings.dlq"), record, rejection)
+        routed += [
+            (*dead_letter(self.settings.topic("readings.dlq"), record, rejection), None)
             for record, rejection in result.rejected
         ]
-        messages += [
+        routed += [
             (
                 self.settings.topic("drift-events"),
                 event.sensor_id.encode(),
                 orjson.dumps(event.to_message()),
                 trace_headers,
+                None,
             )
             for event in result.drift
         ]
-        routed = [(*message, None) for message in messages]  # the partition of the key
         blocks = [b for b in (result.predictions, result.shadow) if b is not None]
         tables = block_tables(result.readings, blocks, result.drift)
         routed += [

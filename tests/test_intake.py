@@ -326,6 +326,8 @@ async def test_send_many_puts_keyed_messages_where_aiokafka_would(
             (topic, b"k1", b"pinned", None, 3),
         ]
         await send_many(app.producer, keyed + extra)
+        again = [(topic, key, b"again " + key, None, None) for _, key, *_ in keyed[:20]]
+        await send_many(app.producer, again)  # the keys' partitions, now remembered
         single = await (await app.producer.send(topic, b"k5", b"one by one", None, None, None))
         with pytest.raises(MessageSizeTooLargeError):
             await send_many(app.producer, [(topic, b"k", b"x" * (2 << 20), None, None)])
@@ -338,7 +340,7 @@ async def test_send_many_puts_keyed_messages_where_aiokafka_would(
         consumer.subscribe([topic])
         read: list = []
         async with asyncio.timeout(20):
-            while len(read) < len(keyed) + len(extra) + 1:
+            while len(read) < len(keyed) + len(extra) + len(again) + 1:
                 batches = await consumer.getmany(timeout_ms=500)
                 read += [record for records in batches.values() for record in records]
     finally:
@@ -346,7 +348,7 @@ async def test_send_many_puts_keyed_messages_where_aiokafka_would(
 
     partitions = list(range(PARTITIONS))
     by_value = {record.value: record for record in read}
-    for _, key, value, _, _ in keyed:
+    for _, key, value, _, _ in keyed + again:
         assert by_value[value].partition == DefaultPartitioner()(key, partitions, partitions)
         assert by_value[value].key == key
     assert by_value[b"one by one"].partition == single.partition
@@ -356,7 +358,7 @@ async def test_send_many_puts_keyed_messages_where_aiokafka_would(
     assert by_value[b"pinned"].partition == 3
     assert b"keyless" in by_value
     k7 = [r.value for r in sorted(read, key=lambda r: r.offset) if r.key == b"k7"]
-    assert k7 == [payload + b"7", b"with headers", b"mapped headers"]  # in order per key
+    assert k7 == [payload + b"7", b"with headers", b"mapped headers", b"again k7"]  # in order
 
 
 # -- the internals these rely on ------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pytest
@@ -167,6 +168,31 @@ def test_a_batch_travels_to_the_sink_as_arrow_tables() -> None:
         decode("readings", encode(tables["predictions"]))
     with pytest.raises(ValueError, match="Arrow"):
         decode("readings", b"not arrow")
+
+
+@pytest.mark.parametrize("covariates", [None, [{}, {"temp": 1.5, "rain": 0.0}, {}]])
+def test_the_columns_make_the_tables_the_rows_make(covariates) -> None:
+    from forecast.columns import PredictionBlock, ReadingBlock
+    from sinks.batches import block_tables
+
+    rng = np.random.default_rng(3)
+    readings = ReadingBlock(["a", "b", "c"], 1.7e9 + rng.random(3) * 1e6, rng.normal(size=3))
+    readings.covariates = covariates
+    predictions = PredictionBlock(
+        ["a", "b"],
+        np.array([1.7e9, 1.7e9 + 0.25]),
+        1.7e9 + 1,
+        ["lstm", "baseline"],
+        np.array([3, 1]),
+        np.array([3600.0, 60.0]),
+        *(rng.normal(size=(2, 4)) for _ in range(3)),
+        np.array([7, 9]),
+    )
+    got = block_tables(readings, [predictions], now=2e9)
+    want = batch_tables(readings.rows(), predictions.rows(), now=2e9)
+    assert set(got) == set(want) == {"readings", "predictions"}
+    for name, table in want.items():
+        assert got[name].equals(table), name
 
 
 async def test_the_worker_keeps_live_states_only_and_hands_them_back_on_revocation() -> None:
