@@ -41,6 +41,7 @@ from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_kafka
 
 FETCH_WAIT_MS = 10
+RECORD_OVERHEAD_BOUND = 1024  # bytes: above aiokafka's estimate of a record batch's header
 KEY_CACHE_SIZE = 1 << 17  # keys whose partition is remembered, per topic
 _KEY_PARTITIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per producer
 log = logging.getLogger(__name__)
@@ -131,7 +132,10 @@ async def _route(
     by_key: dict[str, dict[bytes, int]] = {}  # topic -> key -> partition, if deterministic
     for topic, key, value, headers, partition in messages:
         listed = list(headers.items()) if isinstance(headers, Mapping) else list(headers or ())
-        key_bytes, value_bytes = client._serialize(key, value, listed)  # checks the size
+        if _surely_fits(client, key, value, listed):
+            key_bytes, value_bytes = key, value
+        else:
+            key_bytes, value_bytes = client._serialize(key, value, listed)  # checks the size
         if partition is None:
             if topic not in partitions:
                 await client.client._wait_on_metadata(topic)
@@ -149,6 +153,18 @@ async def _route(
                     known[key_bytes] = partition
         routed[topic, partition].append((key_bytes, value_bytes, listed))
     return {TopicPartition(*tp): records for tp, records in routed.items()}
+
+
+def _surely_fits(client: AIOKafkaProducer, key: Any, value: Any, headers: list) -> bool:
+    """True for bytes that ``client._serialize`` would pass through unchanged and whose
+    record is far below the producer's size cap (its exact estimate costs a Python call
+    per message); anything else goes through ``_serialize``."""
+    if headers or client._key_serializer or client._value_serializer:
+        return False
+    if not isinstance(value, bytes) or not (key is None or isinstance(key, bytes)):
+        return False
+    size = len(value) + (len(key) if key else 0)
+    return size + RECORD_OVERHEAD_BOUND <= client._max_request_size
 
 
 def _key_partitions(

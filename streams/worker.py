@@ -538,11 +538,12 @@ class Worker:
             metrics.READINGS.labels("rejected", reason).inc(count)
         for batch in result.residuals:  # one label lookup per model, stage and step
             scored = batch.scored
-            stages = np.asarray(scored.stage_names)[scored.stage]
             errors, covered = np.abs(scored.error), scored.covered
-            for stage in np.unique(stages).tolist():
-                for horizon in np.unique(scored.horizon).tolist():
-                    rows = (stages == stage) & (scored.horizon == horizon)
+            for number, stage in enumerate(scored.stage_names):
+                for horizon in self.settings.horizons:
+                    rows = (scored.stage == number) & (scored.horizon == horizon)
+                    if not rows.any():
+                        continue
                     labels = (batch.model, stage, str(horizon))
                     metrics.observe_many(metrics.RESIDUAL_ERRORS.labels(*labels), errors[rows])
                     hits = int(covered[rows].sum())
