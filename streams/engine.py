@@ -530,7 +530,8 @@ class Engine:
             if adaptation is not None and mask.any():
                 corrected = adaptation.apply(slots[mask], yhat[mask], lower[mask], upper[mask])
                 yhat[mask], lower[mask], upper[mask] = corrected
-        served = (models.baseline, models.production or models.baseline)  # by pick_main
+        main_model = models.baseline if models.production is None else models.production
+        served = (models.baseline, main_model)  # indexed by pick_main
         pick = pick_main.astype(np.intp)
         block = PredictionBlock(
             list(map(self.slots.ids.__getitem__, slots.tolist())),
