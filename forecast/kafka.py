@@ -129,7 +129,7 @@ async def _route(
     """The messages by destination, in order; partitions chosen as ``client.send`` does."""
     routed: dict[tuple[str, int], list[_Record]] = defaultdict(list)
     partitions: dict[str, tuple[list[int], list[int]]] = {}
-    by_key: dict[str, dict[bytes, int]] = {}  # topic -> key -> partition, if deterministic
+    by_key: dict[str, dict[bytes, int] | None] = {}  # topic -> key -> partition, or None
     for topic, key, value, headers, partition in messages:
         listed = list(headers.items()) if isinstance(headers, Mapping) else list(headers or ())
         if _surely_fits(client, key, value, listed):
@@ -145,11 +145,11 @@ async def _route(
                     list(metadata.available_partitions_for_topic(topic)),
                 )
                 by_key[topic] = _key_partitions(client, topic, partitions[topic][0])
-            known = by_key[topic]
-            partition = None if key_bytes is None else known.get(key_bytes)
+            known = None if key_bytes is None else by_key[topic]
+            partition = None if known is None else known.get(key_bytes)
             if partition is None:
                 partition = client._partitioner(key_bytes, *partitions[topic])
-                if key_bytes is not None and len(known) < KEY_CACHE_SIZE:
+                if known is not None and len(known) < KEY_CACHE_SIZE:
                     known[key_bytes] = partition
         routed[topic, partition].append((key_bytes, value_bytes, listed))
     return {TopicPartition(*tp): records for tp, records in routed.items()}
@@ -169,13 +169,13 @@ def _surely_fits(client: AIOKafkaProducer, key: Any, value: Any, headers: list) 
 
 def _key_partitions(
     client: AIOKafkaProducer, topic: str, partitions: list[int]
-) -> dict[bytes, int]:
+) -> dict[bytes, int] | None:
     """The remembered partition of each key of ``topic`` (aiokafka's murmur2 is pure
     Python, and a sensor's key recurs in every batch): kept while the topic's partitions
     stay the same, and only for the default partitioner, whose choice for a key depends on
-    the key and the partitions alone. Any other partitioner: a dict that stays empty."""
+    the key and the partitions alone. Any other partitioner: None (asked every time)."""
     if type(client._partitioner) is not DefaultPartitioner:
-        return {}
+        return None
     cache = _KEY_PARTITIONS.setdefault(client, {})
     held = cache.get(topic)
     if held is None or held[0] != partitions:
