@@ -540,7 +540,7 @@ class Worker:
             scored = batch.scored
             errors, covered = np.abs(scored.error), scored.covered
             for number, stage in enumerate(scored.stage_names):
-                for horizon in self.settings.horizons:
+                for horizon in self.processor.horizons:
                     rows = (scored.stage == number) & (scored.horizon == horizon)
                     if not rows.any():
                         continue

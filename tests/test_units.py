@@ -176,8 +176,8 @@ def test_the_columns_make_the_tables_the_rows_make(covariates) -> None:
     from sinks.batches import block_tables
 
     rng = np.random.default_rng(3)
-    readings = ReadingBlock(["a", "b", "c"], 1.7e9 + rng.random(3) * 1e6, rng.normal(size=3))
-    readings.covariates = covariates
+    ts, values = 1.7e9 + rng.random(3) * 1e6, rng.normal(size=3)
+    readings = ReadingBlock(["a", "b", "c"], ts, values, covariates)
     predictions = PredictionBlock(
         ["a", "b"],
         np.array([1.7e9, 1.7e9 + 0.25]),
