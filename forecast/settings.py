@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="inference device")
     inference_threads: int = Field(
-        0, ge=0, le=1024, description="torch CPU threads of a worker; 0: the CPUs / workers"
+        1, ge=0, le=1024, description="torch CPU threads of a worker; 0: the CPUs / workers"
     )
     ondemand_history: int = Field(
         2048, ge=16, le=100_000, description="stored readings replayed per on-demand forecast"

@@ -10,11 +10,12 @@ Order of a batch (why offsets never run ahead of what is durable):
    processed while the broker acknowledges (:class:`SendChain`); the worker never waits
    for ClickHouse (the sink, :mod:`sinks.consumer`, is a consumer group of its own);
 3. at a checkpoint (every ``FORECAST_SNAPSHOT_INTERVAL`` seconds, when partitions are
-   revoked, and at the stop), once the broker acknowledged every batch sent: log a
-   snapshot of each sensor advanced since the last one to the Faust table's changelog
-   (which makes it recoverable after a crash; the live state stays in the engine's
-   columns), then
-4. acknowledge the records the checkpoint covers, so Faust commits their offsets.
+   revoked, and at the stop): take a snapshot of each sensor advanced since the last one
+   and send them to the Faust table's changelog (which makes them recoverable after a
+   crash; the live state stays in the engine's columns) in the same chain, after the
+   batches before them; the batches after them are processed meanwhile, then
+4. once the broker acknowledged the snapshots (and so every batch before them),
+   acknowledge the records the checkpoint covers, so Faust commits their offsets.
 A crash anywhere before 4 re-delivers what the last checkpoint did not cover; the state
 it restores is the one those records found, so they give the same predictions again: the
 deterministic keys of the store's tables, the views that de-duplicate, and the per-sensor
@@ -43,7 +44,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 
 import faust
@@ -86,20 +87,18 @@ CHECKPOINT_TIMEOUT = 1.0  # for the last checkpoint at the stop
 PROBE_TIMEOUT = 2.0  # for the end offsets of the assigned partitions
 DLQ_MAX_VALUE = 64 * 1024
 ONLINE_EVERY = 1.0  # seconds between exports of the per-sensor online error gauges
+CHECKPOINT_CHUNK = 200  # snapshots taken between two batches (~10 ms of the event loop)
 
 
 class SensorStateTable(faust.Table):
-    """Per-sensor state snapshots, written once per batch, outside per-event iteration.
+    """Per-sensor state snapshots, written at checkpoints, outside per-event iteration.
 
-    The worker keeps the live states in its cache and only logs their snapshots to the
-    changelog; ``data`` holds the snapshots of sensors that are not live: restored from
-    the changelog after a restart, or handed back when partitions are revoked. Keeping a
-    snapshot beside every live state took 10,000 sensors to 1972 MiB (1251-1490 without).
+    The worker keeps the live states in its columns and only sends their snapshots to the
+    changelog (:meth:`Worker._write_checkpoint`); ``data`` holds the snapshots of sensors
+    that are not live: restored from the changelog after a restart, or handed back when
+    partitions are revoked. Keeping a snapshot beside every live state took 10,000
+    sensors to 1972 MiB (1251-1490 without).
     """
-
-    def log_snapshot(self, partition: int, key: str, value: bytes) -> None:
-        """Log ``key`` to the changelog partition of the record that carried it."""
-        self.send_changelog(partition, key, value)
 
     def keep_snapshot(self, key: str, value: bytes) -> None:
         """Hold a live state's snapshot locally (it is in the changelog already), unless
@@ -187,11 +186,12 @@ class Worker:
         self.order = OffsetOrder(self._start)
         self.app.timer(1.0, name="reread-holes")(self._reread_holes)
         every = max(0.05, settings.snapshot_interval / 2)
-        self.app.timer(every, name="checkpoint")(self._checkpoint_if_due)
+        self.app.timer(every, name="checkpoint")(self._checkpoint_timer)
         self.sends = SendChain(self._send)
         self.dirty: dict[str, int] = {}  # sensor -> partition: advanced since its snapshot
         self.held: list[Message] = []  # handled; acknowledged by the next checkpoint
         self.checkpoint_at = time.monotonic()
+        self.checkpointing: asyncio.Task | None = None  # a checkpoint in the background
         self.app.on_partitions_revoked.connect(self._on_revoked)
         self.liveness = Liveness(settings.stall_timeout, settings.stall_exit)
         self.busy_since: float | None = None  # a batch between hand-over and ack
@@ -220,8 +220,11 @@ class Worker:
         # did not cover is read again by whoever takes the partitions.
         if not self.failed.is_set():  # after a fault, nothing is snapshot or acknowledged
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._checkpoint(), CHECKPOINT_TIMEOUT)
+                await asyncio.wait_for(self._checkpoint(wait=True), CHECKPOINT_TIMEOUT)
         await self.intake.stop()
+        if self.checkpointing is not None:
+            self.checkpointing.cancel()
+            await asyncio.gather(self.checkpointing, return_exceptions=True)
         await self.sends.cancel()
         stopping = asyncio.ensure_future(self.app.stop())
         done, _ = await asyncio.wait([stopping], timeout=STOP_TIMEOUT)
@@ -245,9 +248,10 @@ class Worker:
         """Hand the live states back to the table (after the batch in hand): whichever
         partitions return to this worker are then brought up to date by Faust's recovery
         from the changelog."""
+        await self._settle_checkpoint()
         async with self.batch_lock:
+            await self._write_checkpoint(locked=True)
             await self.sends.drain()
-            await self._write_checkpoint()
             for sensor_id, snapshot in self.processor.release().items():
                 self.table.keep_snapshot(sensor_id, snapshot)
             self.order.forget(revoked)
@@ -271,27 +275,47 @@ class Worker:
         metrics.BATCH_RECORDS.observe(len(admission.admitted))
         self.held += admission.admitted
         self.held += admission.repeated
-        await self._checkpoint_if_due()
+        self._checkpoint_if_due()
         return []  # acknowledged by the checkpoint that covers them
 
-    async def _checkpoint_if_due(self) -> None:
-        if self.failed.is_set():
+    async def _checkpoint_timer(self) -> None:
+        self._checkpoint_if_due()
+
+    def _checkpoint_if_due(self) -> None:
+        """Start a checkpoint in the background once one is due (one at a time)."""
+        if self.failed.is_set() or (self.checkpointing and not self.checkpointing.done()):
             return
         if self.held and time.monotonic() - self.checkpoint_at >= self.settings.snapshot_interval:
-            await self._checkpoint()
+            self.checkpointing = asyncio.create_task(self._checkpoint(), name="checkpoint")
 
-    async def _checkpoint(self) -> None:
+    async def _settle_checkpoint(self) -> None:
+        """Wait for the checkpoint in the background, if any, to be written."""
+        while self.checkpointing is not None and not self.checkpointing.done():
+            await asyncio.wait([self.checkpointing])
+
+    async def _checkpoint(self, wait: bool = False) -> None:
+        """Write a checkpoint; with ``wait``, return once the broker acknowledged it."""
         try:
-            async with self.batch_lock:
+            if asyncio.current_task() is not self.checkpointing:
+                await self._settle_checkpoint()
+            await self._write_checkpoint()
+            if wait:
                 await self.sends.drain()
-                await self._write_checkpoint()
         except Exception as exc:  # a send that failed for good: a fault
             self._batch_failed(exc)
-            raise
 
-    async def _write_checkpoint(self) -> None:
-        """Snapshot every sensor advanced since the last checkpoint, then acknowledge the
-        records that advanced them (Faust flushes the snapshots before it commits).
+    async def _write_checkpoint(self, locked: bool = False) -> None:
+        """Snapshot every sensor advanced since the last checkpoint and send the snapshots
+        after the batches already sent; once the broker acknowledged them, acknowledge
+        the records handled until then (Faust then commits their offsets). Returns while
+        they are on their way: the next batches need not wait for the broker.
+
+        The snapshots are taken :data:`CHECKPOINT_CHUNK` sensors at a time, each chunk
+        between two batches (unless ``locked``: the caller holds the batch lock). A state
+        a later batch advanced before its chunk is taken is newer than the records the
+        checkpoint acknowledges, which is safe: records re-delivered after a crash that
+        the state has seen are known by their offsets. (That sensor is snapshot again at
+        the next checkpoint.)
 
         The last snapshot of each changelog partition goes out alone, as a record batch of
         its own: Faust's table recovery reads a changelog up to the end offset the broker
@@ -299,24 +323,36 @@ class Worker:
         + 1. Sent in one batch, the snapshots after its first were never read back, and a
         worker that took the partition over started those sensors from older states (a
         test saw a ``seq`` issued twice)."""
-        ids = list(self.dirty)
-        last = {partition: sensor_id for sensor_id, partition in self.dirty.items()}
+        lock = contextlib.nullcontext() if locked else self.batch_lock
+        async with lock:
+            dirty, self.dirty = self.dirty, {}
+            held, self.held = self.held, []
+            self.checkpoint_at = time.monotonic()
+        last = {partition: sensor_id for sensor_id, partition in dirty.items()}
+        alone = set(last.values())
+        bulk = [sensor_id for sensor_id in dirty if sensor_id not in alone]
+        for start in range(0, len(bulk), CHECKPOINT_CHUNK):
+            async with lock:  # in sends of their own: the changelog's batches hold snapshots
+                chunk = self._snapshot_messages(bulk[start : start + CHECKPOINT_CHUNK], dirty)
+                await self.sends.submit(chunk, _nothing, first=start == 0)
+        if not alone and not held:
+            return
+        async with lock:
+            chunk = self._snapshot_messages(list(alone), dirty)
+            await self.sends.submit(chunk, lambda: self.intake.ack(held), first=True)
+
+    def _snapshot_messages(self, ids: list[str], partitions: dict[str, int]) -> list[tuple]:
+        """The changelog messages of the snapshots of ``ids``, each to its partition, keyed
+        as the table's own writes are (its key serializer: what its recovery reads)."""
+        changelog = self.table.changelog_topic
+        topic = changelog.get_topic_name()
+        serializer = self.table.key_serializer
         with self.processor.stage("checkpoint"):
-            snapshots = dict(zip(ids, self.processor.snapshots(ids), strict=True))
-            for sensor_id, snapshot in snapshots.items():
-                partition = self.dirty[sensor_id]
-                if last[partition] != sensor_id:
-                    self.table.log_snapshot(partition, sensor_id, snapshot)
-        if last:
-            await self.app.producer.flush()
-            for partition, sensor_id in last.items():
-                self.table.log_snapshot(partition, sensor_id, snapshots[sensor_id])
-            await self.app.producer.flush()
-        self.dirty.clear()
-        if self.held:
-            self.intake.ack(self.held)
-            self.held.clear()
-        self.checkpoint_at = time.monotonic()
+            taken = self.processor.snapshots(ids)
+        return [
+            (topic, changelog.prepare_key(key, serializer)[0], value, None, partitions[key])
+            for key, value in zip(ids, taken, strict=True)
+        ]
 
     def _batch_failed(self, exc: BaseException) -> None:
         """A fault: stop, rather than skip or acknowledge the batch."""
@@ -581,38 +617,54 @@ class Worker:
 
 class SendChain:
     """Batches' messages sent strictly in order while the next batches are processed
-    (the broker's round trip overlaps the work): at most ``depth`` batches in flight;
-    a failure surfaces at the next :meth:`submit` or :meth:`drain`."""
+    (the broker's round trip overlaps the work): what is submitted while a send is in
+    flight goes out together in the next one, so a slow round trip makes the sends
+    bigger, not more; at most ``depth`` batches wait. A ``first`` submission starts a
+    send of its own (what was submitted before it is acknowledged first): its messages
+    never share a record batch with earlier ones. A failure surfaces at the next
+    :meth:`submit` or :meth:`drain`."""
 
     def __init__(self, send: Callable[[list], Awaitable[None]], depth: int = 4) -> None:
         self.send = send
         self.depth = depth
-        self.pending: deque[asyncio.Task] = deque()
+        self.waiting: list[tuple[list, Callable[[], None], bool]] = []
+        self.room = asyncio.Event()
+        self.task: asyncio.Task | None = None
 
-    async def submit(self, routed: list, on_sent: Callable[[], None]) -> None:
-        while self.pending and self.pending[0].done():
-            self.pending.popleft().result()  # raises what an earlier batch raised
-        if len(self.pending) >= self.depth:
-            await self.pending.popleft()
-        previous = self.pending[-1] if self.pending else None
-        self.pending.append(asyncio.create_task(self._after(previous, routed, on_sent)))
+    async def submit(self, routed: list, on_sent: Callable[[], None], first: bool = False) -> None:
+        """Queue ``routed``; ``on_sent`` runs once the broker acknowledged it (and
+        everything submitted before it)."""
+        while True:
+            if self.task is not None and self.task.done():
+                self.task.result()  # raises what an earlier send raised
+            if len(self.waiting) < self.depth:
+                break
+            self.room.clear()
+            await self.room.wait()
+        self.waiting.append((routed, on_sent, first))
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._run(), name="worker-sends")
 
-    async def _after(self, previous: asyncio.Task | None, routed: list, on_sent) -> None:
-        if previous is not None:
-            await previous  # in order: a batch goes once the one before it is sent
-        await self.send(routed)
-        on_sent()
+    async def _run(self) -> None:
+        while self.waiting:
+            waiting = self.waiting
+            cut = next((i for i, item in enumerate(waiting) if i and item[2]), len(waiting))
+            taken, self.waiting = waiting[:cut], waiting[cut:]
+            self.room.set()
+            await self.send([message for routed, _, _ in taken for message in routed])
+            for _, on_sent, _ in taken:
+                on_sent()
 
     async def drain(self) -> None:
         """Wait until every batch submitted is with the broker."""
-        while self.pending:
-            await self.pending.popleft()
+        if self.task is not None:
+            await self.task
 
     async def cancel(self) -> None:
-        for task in self.pending:
-            task.cancel()
-        await asyncio.gather(*self.pending, return_exceptions=True)
-        self.pending.clear()
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        self.waiting.clear()
 
 
 async def with_backoff(
@@ -693,6 +745,10 @@ def dead_letter(
         headers.append(("dlq.original_size", str(len(value)).encode()))
         value = value[:DLQ_MAX_VALUE]
     return topic, record.key, value, headers
+
+
+def _nothing() -> None:
+    """What follows a send that needs nothing done once it is acknowledged."""
 
 
 def _links(messages: Sequence) -> list[Link]:

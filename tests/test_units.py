@@ -381,3 +381,65 @@ def test_a_model_with_a_cadence_publishes_only_when_due() -> None:
     ]
     assert [p.seq for p in result.predictions] == [1, 2, 3]
     assert not result.fallbacks
+
+
+# -- the worker's send chain ----------------------------------------------------------------
+
+
+class SlowBroker:
+    """A send that completes when the test says so, recording what each send carried."""
+
+    def __init__(self) -> None:
+        self.sends: list[list] = []
+        self.release = asyncio.Event()
+
+    async def send(self, messages: list) -> None:
+        self.sends.append(messages)
+        await self.release.wait()
+        self.release.clear()
+
+
+async def test_batches_submitted_during_a_send_go_out_together_and_in_order() -> None:
+    from streams.worker import SendChain
+
+    broker, done = SlowBroker(), []
+    chain = SendChain(broker.send, depth=4)
+    await chain.submit([1], lambda: done.append("a"))
+    await asyncio.sleep(0)  # the first send is in flight
+    await chain.submit([2], lambda: done.append("b"))
+    await chain.submit([3, 4], lambda: done.append("c"))
+    await chain.submit([5], lambda: done.append("d"), first=True)  # a send of its own
+    await chain.submit([6], lambda: done.append("e"))
+    assert broker.sends == [[1]] and done == []
+    for _ in range(3):
+        broker.release.set()
+        await asyncio.sleep(0.01)
+    await chain.drain()
+    assert broker.sends == [[1], [2, 3, 4], [5, 6]]
+    assert done == ["a", "b", "c", "d", "e"]
+
+
+async def test_the_send_chain_waits_when_full_and_raises_what_a_send_raised() -> None:
+    from streams.worker import SendChain
+
+    broker = SlowBroker()
+    chain = SendChain(broker.send, depth=1)
+    await chain.submit([1], lambda: None)
+    await asyncio.sleep(0)
+    await chain.submit([2], lambda: None)  # waits behind the send in flight
+    third = asyncio.create_task(chain.submit([3], lambda: None))
+    await asyncio.sleep(0.01)
+    assert not third.done()  # the chain is full: the batch waits
+    broker.release.set()
+    await asyncio.wait_for(third, 1)
+
+    async def failing(messages: list) -> None:
+        raise RuntimeError("broker gone")
+
+    chain.send = failing
+    broker.release.set()
+    await asyncio.sleep(0.01)
+    with pytest.raises(RuntimeError, match="broker gone"):
+        await chain.drain()
+    with pytest.raises(RuntimeError, match="broker gone"):
+        await chain.submit([4], lambda: None)
