@@ -7,8 +7,9 @@ in production (:mod:`bench.serving`; ``--model baseline``: none), the baseline a
 fallback, residuals and drift on (the defaults).
 
 Throughput: first every sensor's window is filled (``lookback`` readings per sensor, in
-records of one sensor's history; not timed) and the worker is waited for; then the timed
-readings are produced, to the worker's topic and to a copy topic. They are read by a raw
+records of one sensor's history; not timed) and the worker is waited for; then, with the
+worker's intake paused, the timed readings are produced, to the worker's topic and to a
+copy topic. They are read by a raw
 aiokafka consumer (``getmany`` + orjson) and by a plain Faust agent (iterates the stream,
 decodes each value) from the copy, and by the engine's worker (validation, per-sensor
 state, the LSTM, the baseline, residuals and drift, publication). Each is timed from its
@@ -132,9 +133,10 @@ async def _engine(
     bootstrap: str, settings: Settings, warm: Produced, timed, readings: int
 ) -> tuple[Run, float, Produced]:
     """The worker of ``forecast up``: takes in the warm-up (seconds it took), then the
-    timed readings as they are produced; the seconds ``readings`` take at the rate it
-    kept from its first timed batch to its last (from their production's start if it
-    took them in one batch)."""
+    timed readings, produced while its intake was paused: as the raw consumer and the
+    plain agent, it reads a topic already written, and the producer in this process does
+    not compete with it. Timed from the resume until every timed reading is taken in and
+    its messages are with the broker."""
     topic = settings.topic("readings")
     async with contextlib.AsyncExitStack() as stack:
         started = time.perf_counter()
@@ -143,39 +145,35 @@ async def _engine(
         await guarded(wait_committed(bootstrap, group, topic, warm.records), worker)
         warm_seconds = time.perf_counter() - started
         before, served_before = _accepted(), ServedCount.now()
-        worker.processor.seconds.clear()
-        began = time.perf_counter()
-        producing = asyncio.create_task(produce(bootstrap, [topic, COPY], timed))
-        first: tuple[float, float] | None = None  # when progress was first seen, and how much
+        await worker.intake.stop()
+        main = await produce(bootstrap, [topic, COPY], timed)
         async with Commits(bootstrap, group, topic) as commits, asyncio.timeout(COMMIT_TIMEOUT):
+            worker.processor.seconds.clear()
+            began = time.perf_counter()
+            await worker.intake.start()
             checked = (time.perf_counter(), -1.0)
             while (taken := _accepted() - before) < readings:
-                if first is None and taken > 0:
-                    first = (time.perf_counter(), taken)
                 if time.perf_counter() - checked[0] >= STALL_CHECK:
-                    await _refuse_a_stall(commits, producing, warm, taken, checked[1])
+                    await _refuse_a_stall(commits, main, warm, taken, checked[1])
                     checked = (time.perf_counter(), taken)
                 await asyncio.sleep(0.005)
-        ended = time.perf_counter()
+            await worker.sends.drain()
+            ended = time.perf_counter()
         stages = dict(worker.processor.seconds)
-        main = await producing
         await asyncio.sleep(0.2)  # the last batch's metrics
         served = ServedCount.now().since(served_before)
-    if first is None:  # all in one batch: from the start of their production
-        return Run(ended - began, served, stages), warm_seconds, main
-    seconds = (ended - first[0]) * readings / (readings - first[1])
-    return Run(seconds, served, stages), warm_seconds, main
+    return Run(ended - began, served, stages), warm_seconds, main
 
 
 async def _refuse_a_stall(
-    commits: Commits, producing: asyncio.Task, warm: Produced, taken: float, before: float
+    commits: Commits, timed: Produced, warm: Produced, taken: float, before: float
 ) -> None:
     """ForecastError if the worker committed every record but accepted fewer readings
     than the timed part holds (no progress since the last check): the rest was refused
     (e.g. taken as repeats after a rebalance), and waiting longer would not change it."""
-    if taken != before or not producing.done():
+    if taken != before:
         return
-    if await commits.total() < warm.records + producing.result().records:
+    if await commits.total() < warm.records + timed.records:
         return
     outcomes = metric_counts("forecast_readings", "result")
     raise ForecastError(
