@@ -187,7 +187,8 @@ class Worker:
         self.app.timer(1.0, name="reread-holes")(self._reread_holes)
         every = max(0.05, settings.snapshot_interval / 2)
         self.app.timer(every, name="checkpoint")(self._checkpoint_timer)
-        self.sends = SendChain(self._send)
+        self.sends = SendChain(self._send)  # the batches' messages
+        self.snapshot_sends = SendChain(self._send)  # the checkpoints' snapshots
         self.dirty: dict[str, int] = {}  # sensor -> partition: advanced since its snapshot
         self.held: list[Message] = []  # handled; acknowledged by the next checkpoint
         self.checkpoint_at = time.monotonic()
@@ -225,6 +226,7 @@ class Worker:
         if self.checkpointing is not None:
             self.checkpointing.cancel()
             await asyncio.gather(self.checkpointing, return_exceptions=True)
+        await self.snapshot_sends.cancel()
         await self.sends.cancel()
         stopping = asyncio.ensure_future(self.app.stop())
         done, _ = await asyncio.wait([stopping], timeout=STOP_TIMEOUT)
@@ -306,9 +308,10 @@ class Worker:
 
     async def _write_checkpoint(self, locked: bool = False) -> None:
         """Snapshot every sensor advanced since the last checkpoint and send the snapshots
-        after the batches already sent; once the broker acknowledged them, acknowledge
-        the records handled until then (Faust then commits their offsets). Returns while
-        they are on their way: the next batches need not wait for the broker.
+        (beside the batches' messages, not behind them); once the broker acknowledged them
+        and every batch sent before, acknowledge the records handled until then (Faust
+        then commits their offsets). Returns before the broker acknowledged the batches:
+        the next batches need not wait.
 
         The snapshots are taken :data:`CHECKPOINT_CHUNK` sensors at a time, each chunk
         between two batches (unless ``locked``: the caller holds the batch lock). A state
@@ -332,14 +335,16 @@ class Worker:
         alone = set(last.values())
         bulk = [sensor_id for sensor_id in dirty if sensor_id not in alone]
         for start in range(0, len(bulk), CHECKPOINT_CHUNK):
-            async with lock:  # in sends of their own: the changelog's batches hold snapshots
+            async with lock:
                 chunk = self._snapshot_messages(bulk[start : start + CHECKPOINT_CHUNK], dirty)
-                await self.sends.submit(chunk, _nothing, first=start == 0)
+                await self.snapshot_sends.submit(chunk, _nothing)
         if not alone and not held:
             return
         async with lock:
             chunk = self._snapshot_messages(list(alone), dirty)
-            await self.sends.submit(chunk, lambda: self.intake.ack(held), first=True)
+            await self.snapshot_sends.submit(chunk, _nothing, first=True)
+        await self.snapshot_sends.drain()
+        await self.sends.submit([], lambda: self.intake.ack(held))  # after the batches
 
     def _snapshot_messages(self, ids: list[str], partitions: dict[str, int]) -> list[tuple]:
         """The changelog messages of the snapshots of ``ids``, each to its partition, keyed
