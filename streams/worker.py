@@ -12,9 +12,9 @@ Order of a batch (why offsets never run ahead of what is durable):
 3. at a checkpoint (every ``FORECAST_SNAPSHOT_INTERVAL`` seconds, when partitions are
    revoked, and at the stop): take a snapshot of each sensor advanced since the last one
    and send them to the Faust table's changelog (which makes them recoverable after a
-   crash; the live state stays in the engine's columns) in the same chain, after the
-   batches before them; the batches after them are processed meanwhile, then
-4. once the broker acknowledged the snapshots (and so every batch before them),
+   crash; the live state stays in the engine's columns), in chunks between the batches
+   that go on meanwhile, then
+4. once the broker acknowledged the snapshots and every batch sent before them,
    acknowledge the records the checkpoint covers, so Faust commits their offsets.
 A crash anywhere before 4 re-delivers what the last checkpoint did not cover; the state
 it restores is the one those records found, so they give the same predictions again: the
@@ -651,14 +651,17 @@ class SendChain:
             self.task = asyncio.create_task(self._run(), name="worker-sends")
 
     async def _run(self) -> None:
-        while self.waiting:
-            waiting = self.waiting
-            cut = next((i for i, item in enumerate(waiting) if i and item[2]), len(waiting))
-            taken, self.waiting = waiting[:cut], waiting[cut:]
-            self.room.set()
-            await self.send([message for routed, _, _ in taken for message in routed])
-            for _, on_sent, _ in taken:
-                on_sent()
+        try:
+            while self.waiting:
+                waiting = self.waiting
+                cut = next((i for i, item in enumerate(waiting) if i and item[2]), len(waiting))
+                taken, self.waiting = waiting[:cut], waiting[cut:]
+                self.room.set()
+                await self.send([message for routed, _, _ in taken for message in routed])
+                for _, on_sent, _ in taken:
+                    on_sent()
+        finally:
+            self.room.set()  # a submitter waiting for room sees the failure, if any
 
     async def drain(self) -> None:
         """Wait until every batch submitted is with the broker."""

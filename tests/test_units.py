@@ -443,3 +443,23 @@ async def test_the_send_chain_waits_when_full_and_raises_what_a_send_raised() ->
         await chain.drain()
     with pytest.raises(RuntimeError, match="broker gone"):
         await chain.submit([4], lambda: None)
+
+
+async def test_a_batch_waiting_for_room_sees_the_failure_of_the_send_in_flight() -> None:
+    from streams.worker import SendChain
+
+    fail = asyncio.Event()
+
+    async def send(messages: list) -> None:
+        await fail.wait()
+        raise RuntimeError("broker gone")
+
+    chain = SendChain(send, depth=1)
+    await chain.submit([1], lambda: None)
+    await asyncio.sleep(0)  # in flight
+    await chain.submit([2], lambda: None)  # the chain is full
+    third = asyncio.create_task(chain.submit([3], lambda: None))
+    await asyncio.sleep(0.01)
+    fail.set()
+    with pytest.raises(RuntimeError, match="broker gone"):
+        await asyncio.wait_for(third, 1)  # not left waiting for room that never comes
