@@ -185,6 +185,7 @@ class Worker:
         )
         self.order = OffsetOrder(self._start)
         self.app.timer(1.0, name="reread-holes")(self._reread_holes)
+        self.app.timer(ONLINE_EVERY, name="online-export")(self._export_online)
         every = max(0.05, settings.snapshot_interval / 2)
         self.app.timer(every, name="checkpoint")(self._checkpoint_timer)
         self.sends = SendChain(self._send)  # the batches' messages
@@ -200,7 +201,6 @@ class Worker:
         self._warned_at = 0.0
         self.stopped = False  # Faust stopped within STOP_TIMEOUT
         self._scored: set[str] = set()  # sensors with residuals since the last export
-        self._online_at = 0.0
 
     async def start(self) -> None:
         self.app.conf.datadir.mkdir(parents=True, exist_ok=True)  # Faust makes one level only
@@ -593,19 +593,19 @@ class Worker:
         for event in result.drift:
             metrics.DRIFT_EVENTS.labels(event.detector, event.signal).inc()
         if result.residuals:
-            self._scored.update(result.touched)
-            if time.monotonic() - self._online_at >= ONLINE_EVERY:
-                self._export_online()
+            self._scored.update(result.touched)  # exported by the timer
         for reason, count in result.fallbacks.items():
             metrics.FALLBACKS.labels(reason).inc(count)
         if result.predictions is not None:
             for model, count in Counter(result.predictions.model).items():
                 metrics.PREDICTIONS.labels(model).inc(count)
 
-    def _export_online(self) -> None:
+    async def _export_online(self) -> None:
         """The online MAE and coverage of the sensors scored since the last export (a
-        gauge per sensor, model and step: at most once every ONLINE_EVERY seconds)."""
-        self._online_at = time.monotonic()
+        gauge per sensor, model and step), every ONLINE_EVERY seconds: also when the
+        stream has stopped, so the last batches' scores are not left out."""
+        if not self._scored:
+            return
         online = self.processor.online(self._scored)
         for sensor_id, model, horizon, mae, coverage, _ in online:
             metrics.ONLINE_MAE.labels(sensor_id, model, horizon).set(mae)
