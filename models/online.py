@@ -225,10 +225,10 @@ class OnlineAdapter:
 
     def from_doc(self, row: int, doc: dict) -> None:
         """Restore one row from :meth:`to_docs` (a document of another horizon resets it)."""
-        self.reset(np.array([row]))
         if len(doc.get("bias", ())) != self.config.horizon:
+            self.reset(np.array([row]))
             return
-        for name in _STATE:
+        for name in _STATE:  # every field: nothing of the row's former state is left
             getattr(self, name)[row] = doc[name]
 
     def reset(self, rows: np.ndarray) -> None:

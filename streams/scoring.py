@@ -286,18 +286,22 @@ class ScoreColumns:
 
         Horizons not tracked are ignored; of a longer FIFO only the newest steps stay.
         """
-        self.reset(np.array([slot]))
+        k = len(self.horizons)
+        pairs = slice(slot * k, slot * k + k)  # as reset() of the one slot, without its arrays
+        self._head[pairs] = self._count[pairs] = self._n[pairs] = 0
+        self._mae[pairs] = self._coverage[pairs] = np.nan
         self._stage[slot] = self._stage_code(doc.get("stage", "production"))
+        pending, scored = doc.get("pending", {}), doc.get("n", {})
         for j, h in enumerate(self.horizons):
-            q = slot * len(self.horizons) + j
-            steps = doc.get("pending", {}).get(str(h), [])[-self.max_pending :]
+            q = slot * k + j
+            steps = pending.get(str(h), [])[-self.max_pending :]
             if len(steps):
-                cells = np.array(steps, np.float64).reshape(-1, len(_FIELDS))
+                cells = np.asarray(steps, np.float64).reshape(-1, len(_FIELDS))
                 for f, column in zip(_FIELDS, cells.T, strict=True):
                     self._rings[f][q, : len(cells)] = column
                 self._count[q] = len(cells)
-            if doc.get("n", {}).get(str(h)):
-                self._n[q] = doc["n"][str(h)]
+            if scored.get(str(h)):
+                self._n[q] = scored[str(h)]
                 self._mae[q] = _number(doc["mae"][str(h)])
                 self._coverage[q] = _number(doc["coverage"][str(h)])
 

@@ -12,6 +12,7 @@ are read too.
 
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
@@ -53,20 +54,23 @@ def unpack(raw: bytes) -> dict:
     header = orjson.loads(raw[start : start + length])
     body = memoryview(raw)[start + length :]
 
-    def resolve(value: object) -> object:
+    nested = (dict, list)
+
+    def resolve(value: dict | list) -> object:  # only containers: scalars stay as they are
         if isinstance(value, dict):
             ref = value.get("$")
             if ref is not None and len(value) == 1:
                 offset, dtype, shape = ref
-                count = int(np.prod(shape)) if shape else 1
+                count = math.prod(shape)  # 1 for a scalar's empty shape
                 array = np.frombuffer(body, np.dtype(dtype), count, offset)
                 return array.reshape(shape).copy()
-            return {key: resolve(item) for key, item in value.items()}
-        if isinstance(value, list):
-            return [resolve(item) for item in value]
-        return value
+            return {
+                key: resolve(item) if isinstance(item, nested) else item
+                for key, item in value.items()
+            }
+        return [resolve(item) if isinstance(item, nested) else item for item in value]
 
-    return resolve(header)
+    return resolve(header) if isinstance(header, nested) else header
 
 
 def clock(raw: bytes) -> tuple[float, int]:
