@@ -70,7 +70,14 @@ from bench.serving import (
 from forecast import metrics
 from forecast.errors import ForecastError
 from forecast.kafka import Transport
-from forecast.runtime import Failing, authenticator, start_broker, start_gateway, start_worker
+from forecast.runtime import (
+    Failing,
+    authenticator,
+    settle_heap,
+    start_broker,
+    start_gateway,
+    start_worker,
+)
 from forecast.settings import Settings
 from forecast.workers import WorkerPool
 from gateway.http import ApiContext
@@ -141,6 +148,7 @@ async def _engine(
     async with contextlib.AsyncExitStack() as stack:
         started = time.perf_counter()
         worker = await start_worker(stack, settings, bootstrap)
+        settle_heap()  # as `forecast up` does once its parts are up
         group = settings.topic(settings.worker_app)
         await guarded(wait_committed(bootstrap, group, topic, warm.records), worker)
         warm_seconds = time.perf_counter() - started
@@ -332,6 +340,7 @@ async def latency(
             part = await _workers(stack, settings, bootstrap, workers, processes)
             context = ApiContext(auth=authenticator(settings))
             stream = await start_gateway(stack, settings, bootstrap, context)
+            settle_heap()  # as `forecast up` does once its parts are up
             warm = await guarded(_fill(bootstrap, settings, sensors, served.window), part)
             warm_seconds = time.perf_counter() - started
             result = await _measure(bootstrap, settings, stream.port, rate, sensors, seconds)

@@ -297,15 +297,15 @@ async def start_worker(
     ).observe
     alerting = asyncio.create_task(alerts.run(), name="stall-alerts")
     stack.push_async_callback(_cancel, alerting)
-    settle_heap()
     return worker
 
 
 def settle_heap() -> None:
-    """Collect the garbage of the start-up, then move what lives on (modules, models,
-    Faust, torch) out of the collector's generations: a full collection walked all of it
-    and held the event loop for up to 0.3 s (a p99 latency of its own), every few
-    seconds under load. Objects made later are collected as before."""
+    """Once the parts of a process are up: collect the garbage of the start-up, then move
+    what lives on (modules, models, Faust, torch) out of the collector's generations: a
+    full collection walked all of it and held the event loop for up to 0.3 s (a p99
+    latency of its own), every few seconds under load. Objects made later are collected
+    as before."""
     gc.collect()
     gc.freeze()
 

@@ -117,10 +117,16 @@ class ScoreColumns:
         if capacity > self.capacity:
             self._allocate(capacity)
 
-    def reset(self, slots: np.ndarray) -> None:
-        """Forget those slots: no pending steps, no statistics, stage production."""
-        slots = np.asarray(slots, np.int64)
-        q = self._pairs(slots).ravel()
+    def reset(self, slots: np.ndarray | int) -> None:
+        """Forget those slots (or that one): no pending steps, no statistics, stage
+        production."""
+        if np.ndim(slots) == 0:  # one slot: its cells are a slice, no index arrays
+            k = len(self.horizons)
+            slots = int(slots)
+            q: slice | np.ndarray = slice(slots * k, slots * k + k)
+        else:
+            slots = np.asarray(slots, np.int64)
+            q = self._pairs(slots).ravel()
         self._head[q] = self._count[q] = self._n[q] = 0
         self._mae[q] = self._coverage[q] = np.nan
         self._stage[slots] = 0
@@ -286,10 +292,8 @@ class ScoreColumns:
 
         Horizons not tracked are ignored; of a longer FIFO only the newest steps stay.
         """
+        self.reset(slot)
         k = len(self.horizons)
-        pairs = slice(slot * k, slot * k + k)  # as reset() of the one slot, without its arrays
-        self._head[pairs] = self._count[pairs] = self._n[pairs] = 0
-        self._mae[pairs] = self._coverage[pairs] = np.nan
         self._stage[slot] = self._stage_code(doc.get("stage", "production"))
         pending, scored = doc.get("pending", {}), doc.get("n", {})
         for j, h in enumerate(self.horizons):
