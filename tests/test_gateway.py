@@ -99,8 +99,10 @@ async def test_a_stalled_subscriber_does_not_delay_the_others(gateway: System) -
                 await ws.send(json.dumps({"op": "subscribe", "sensors": ["*"]}))
                 assert orjson.loads(await ws.recv())["type"] == "subscribed"
             started = time.monotonic()
+            # The fast one reads while the replay runs; the stalled one reads nothing.
+            reading = asyncio.create_task(predictions(fast, target, within=60))
             await replay(gateway, 200, 400)
-            got = await predictions(fast, target, within=60)  # the stalled one reads nothing
+            got = await reading
             assert got[-1]["seq"] == target
             assert time.monotonic() - started < 60
             # The stalled one overflowed its queue and was dropped: with 1013 and an
