@@ -69,7 +69,7 @@ from bench.serving import (
 )
 from forecast import metrics
 from forecast.errors import ForecastError
-from forecast.kafka import Transport
+from forecast.kafka import FETCH_WAIT_MS, Transport
 from forecast.runtime import (
     Failing,
     authenticator,
@@ -309,12 +309,26 @@ async def _plain_faust(bootstrap: str, topic: str, records: int, settings: Setti
 
 
 @dataclass
-class Latency:
-    sent: int
-    received: int
+class Delays:
+    """Percentiles of delays in seconds (NaN where none were seen)."""
+
+    count: int
     p50: float
     p99: float
     max: float
+
+    @classmethod
+    def of(cls, delays: list[float]) -> Delays:
+        values = np.array(delays) if delays else np.array([math.nan])
+        p50, p99 = np.percentile(values, [50, 99]).tolist()
+        return cls(len(delays), p50, p99, float(values.max()))
+
+
+@dataclass
+class Latency:
+    sent: int
+    engine: Delays  # reading -> prediction at the websocket subscriber
+    raw: Delays  # reading -> a raw aiokafka consumer of the same topic: one broker hop
     warm: Produced
     warm_seconds: float
     served: Counter  # predictions by model in the timed part, at the subscriber
@@ -394,27 +408,55 @@ async def _measure(
                         delays.append(time.time() - sent)
                         models[message["model"]] += 1
 
+        topic = settings.topic("readings")
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, acks=1)
         await producer.start()
+        hop = await _BrokerHop.start(bootstrap, topic)
         receiving = asyncio.create_task(receive())
         await asyncio.sleep(1.0)  # the feed passes what the warm-up published
         warm_until = time.time()
-        topic = settings.topic("readings")
         sent = await _steady(producer, topic, rate, sensors, range(int(rate * seconds)))
         await asyncio.sleep(2.0)
         receiving.cancel()
+        raw = await hop.stop(since=warm_until)
         await producer.stop()
-    values = np.array(delays) if delays else np.array([math.nan])
-    return Latency(
-        sent,
-        len(delays),
-        float(np.percentile(values, 50)),
-        float(np.percentile(values, 99)),
-        float(values.max()),
-        Produced(),
-        0.0,
-        models,
-    )
+    return Latency(sent, Delays.of(delays), raw, Produced(), 0.0, models)
+
+
+class _BrokerHop:
+    """A raw aiokafka consumer of the readings the engine reads, at the same moment: the
+    delay of one pass through the broker, with the worker's fetch wait (the warm-up's
+    history records, lists of readings, are passed over)."""
+
+    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+        self.consumer = consumer
+        self.seen: list[tuple[float, float]] = []  # (reading's stamp, taken at)
+        self.task = asyncio.create_task(self._read())
+
+    @classmethod
+    async def start(cls, bootstrap: str, topic: str) -> _BrokerHop:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, fetch_max_wait_ms=FETCH_WAIT_MS, enable_auto_commit=False
+        )
+        await consumer.start()
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(partitions)
+        await consumer.seek_to_end(*partitions)
+        return cls(consumer)
+
+    async def _read(self) -> None:
+        while True:
+            for records in (await self.consumer.getmany(timeout_ms=200)).values():
+                now = time.time()
+                readings = [orjson.loads(r.value) for r in records]
+                self.seen += [(r["ts"], now) for r in readings if isinstance(r, dict)]
+
+    async def stop(self, since: float) -> Delays:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        await self.consumer.stop()
+        return Delays.of([taken - ts for ts, taken in self.seen if ts >= since])
 
 
 async def _steady(
