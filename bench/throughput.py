@@ -39,12 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import faust
-import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from websockets.asyncio.client import connect
 from yarl import URL
 
+from bench.broker import BrokerHop, Delays, steady
 from bench.serving import (
     START,
     STEP,
@@ -69,7 +69,7 @@ from bench.serving import (
 )
 from forecast import metrics
 from forecast.errors import ForecastError
-from forecast.kafka import FETCH_WAIT_MS, Transport
+from forecast.kafka import Transport
 from forecast.runtime import (
     Failing,
     authenticator,
@@ -148,7 +148,7 @@ async def _engine(
     async with contextlib.AsyncExitStack() as stack:
         started = time.perf_counter()
         worker = await start_worker(stack, settings, bootstrap)
-        settle_heap()  # as `forecast up` does once its parts are up
+        settle_heap(stack)  # as `forecast up` does once its parts are up
         group = settings.topic(settings.worker_app)
         await guarded(wait_committed(bootstrap, group, topic, warm.records), worker)
         warm_seconds = time.perf_counter() - started
@@ -309,22 +309,6 @@ async def _plain_faust(bootstrap: str, topic: str, records: int, settings: Setti
 
 
 @dataclass
-class Delays:
-    """Percentiles of delays in seconds (NaN where none were seen)."""
-
-    count: int
-    p50: float
-    p99: float
-    max: float
-
-    @classmethod
-    def of(cls, delays: list[float]) -> Delays:
-        values = np.array(delays) if delays else np.array([math.nan])
-        p50, p99 = np.percentile(values, [50, 99]).tolist()
-        return cls(len(delays), p50, p99, float(values.max()))
-
-
-@dataclass
 class Latency:
     sent: int
     engine: Delays  # reading -> prediction at the websocket subscriber
@@ -354,7 +338,7 @@ async def latency(
             part = await _workers(stack, settings, bootstrap, workers, processes)
             context = ApiContext(auth=authenticator(settings))
             stream = await start_gateway(stack, settings, bootstrap, context)
-            settle_heap()  # as `forecast up` does once its parts are up
+            settle_heap(stack)  # as `forecast up` does once its parts are up
             warm = await guarded(_fill(bootstrap, settings, sensors, served.window), part)
             warm_seconds = time.perf_counter() - started
             result = await _measure(bootstrap, settings, stream.port, rate, sensors, seconds)
@@ -411,69 +395,13 @@ async def _measure(
         topic = settings.topic("readings")
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, acks=1)
         await producer.start()
-        hop = await _BrokerHop.start(bootstrap, topic)
+        hop = await BrokerHop.start(bootstrap, topic)
         receiving = asyncio.create_task(receive())
         await asyncio.sleep(1.0)  # the feed passes what the warm-up published
         warm_until = time.time()
-        sent = await _steady(producer, topic, rate, sensors, range(int(rate * seconds)))
+        sent = await steady(producer, topic, rate, sensors, range(int(rate * seconds)))
         await asyncio.sleep(2.0)
         receiving.cancel()
         raw = await hop.stop(since=warm_until)
         await producer.stop()
     return Latency(sent, Delays.of(delays), raw, Produced(), 0.0, models)
-
-
-class _BrokerHop:
-    """A raw aiokafka consumer of the readings the engine reads, at the same moment: the
-    delay of one pass through the broker, with the worker's fetch wait (the warm-up's
-    history records, lists of readings, are passed over)."""
-
-    def __init__(self, consumer: AIOKafkaConsumer) -> None:
-        self.consumer = consumer
-        self.seen: list[tuple[float, float]] = []  # (reading's stamp, taken at)
-        self.task = asyncio.create_task(self._read())
-
-    @classmethod
-    async def start(cls, bootstrap: str, topic: str) -> _BrokerHop:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap, fetch_max_wait_ms=FETCH_WAIT_MS, enable_auto_commit=False
-        )
-        await consumer.start()
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        consumer.assign(partitions)
-        await consumer.seek_to_end(*partitions)
-        return cls(consumer)
-
-    async def _read(self) -> None:
-        while True:
-            for records in (await self.consumer.getmany(timeout_ms=200)).values():
-                now = time.time()
-                readings = [orjson.loads(r.value) for r in records]
-                self.seen += [(r["ts"], now) for r in readings if isinstance(r, dict)]
-
-    async def stop(self, since: float) -> Delays:
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
-        await self.consumer.stop()
-        return Delays.of([taken - ts for ts, taken in self.seen if ts >= since])
-
-
-async def _steady(
-    producer: AIOKafkaProducer, topic: str, rate: float, sensors: int, numbers: range
-) -> int:
-    """Send readings number ``numbers`` at ``rate`` per second, stamped with the clock."""
-    started = time.perf_counter()
-    for i, n in enumerate(numbers):
-        delay = started + i / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        sensor = n % sensors
-        reading = {
-            "sensor_id": f"lat.{sensor}",
-            "ts": time.time(),
-            "value": sensor % 7 + math.sin(n / sensors / 24 * 2 * math.pi),
-        }
-        await producer.send(topic, orjson.dumps(reading), reading["sensor_id"].encode())
-    await producer.flush()
-    return len(numbers)

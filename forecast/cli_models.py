@@ -14,7 +14,7 @@ from forecast.cli_common import command, machine, settings_from_env
 from forecast.errors import ForecastError
 
 if TYPE_CHECKING:
-    from bench.throughput import Delays
+    from bench.broker import Delays
 
 PUBLISHED = [
     ("DLinear", 0.375, 0.399),
@@ -914,8 +914,46 @@ def _stage_table(stages: dict[str, float], readings: int) -> str:
 
 
 def _delays(d: Delays) -> str:
-    """Percentiles of a bench's delays (``bench.throughput.Delays``), in ms."""
+    """Percentiles of a bench's delays (``bench.broker.Delays``), in ms."""
     return f"p50 {d.p50 * 1000:.1f} ms, p99 {d.p99 * 1000:.1f} ms, max {d.max * 1000:.1f} ms"
+
+
+@command(bench, "broker")
+@click.option("--rate", type=click.FloatRange(1, 100_000), default=1000.0, show_default=True)
+@click.option("--seconds", type=click.FloatRange(1, 3600), default=5.0, show_default=True)
+@click.option(
+    "--stored",
+    default="0,5000,10000,20000",
+    show_default=True,
+    help="Comma-separated: records (one batch each) the topic holds before each run.",
+)
+def bench_broker(rate: float, seconds: float, stored: str) -> None:
+    """One pass through the broker: readings at a steady rate to a raw aiokafka consumer,
+    as the topic grows (the embedded broker, or FORECAST_KAFKA_BOOTSTRAP's)."""
+    import asyncio
+
+    from bench.broker import broker_hops
+
+    settings_from_env()
+    try:
+        counts = sorted({int(c) for c in stored.split(",") if c.strip()})
+    except ValueError:
+        raise click.BadParameter("integers separated by commas", param_hint="--stored") from None
+    if not counts or counts[0] < 0:
+        raise click.BadParameter("at least one count, none negative", param_hint="--stored")
+
+    def say(line: str) -> None:
+        click.echo(line, err=True)
+
+    say(f"{rate:.0f} readings/s for {seconds:.0f}s, after {', '.join(map(str, counts))} stored")
+    results = asyncio.run(broker_hops(rate, seconds, counts, say=say))
+    for held, delays in results.items():
+        click.echo(f"topic holding {held:>7} records: reading -> raw consumer {_delays(delays)}")
+    click.echo(machine())
+    listed = ",".join(map(str, counts))
+    click.echo(
+        f"command: forecast bench broker --rate {rate:g} --seconds {seconds:g} --stored {listed}"
+    )
 
 
 @command(bench, "latency")

@@ -64,6 +64,12 @@ def test_latency_reports_percentiles_of_received_predictions(tmp_path, lstm) -> 
     assert timed["lstm"] == received and timed["fallbacks"] == 0, out
 
 
+def test_broker_reports_one_hop_as_the_topic_grows(tmp_path) -> None:
+    out = bench(tmp_path, "broker", "--rate", "200", "--seconds", "1", "--stored", "0,300")
+    held = [int(n) for n in re.findall(r"topic holding +(\d+) records: .* p50 [\d.]+ ms", out)]
+    assert held == [0, 300], out  # the first run's 200 readings stay, 100 more are stored
+
+
 def test_restore_recovers_every_sensor_with_the_uninterrupted_forecast(tmp_path, lstm) -> None:
     out = bench(tmp_path, "restore", "--sensors", "30", "--sample", "10", *lstm)
     assert re.search(r"recovered the state of 30 of 30 sensors .* in [\d.]+s", out), out
