@@ -131,3 +131,16 @@ def test_training_is_deterministic_with_a_seed(fitted, short_csv) -> None:
     for name, tensor in fitted.result.net.state_dict().items():
         assert np.array_equal(tensor.numpy(), again.result.net.state_dict()[name].numpy()), name
     assert again.meta["metrics"] == fitted.meta["metrics"]
+
+
+def test_forward_in_chunks_equals_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    from models import tft
+
+    config = tft.TFTConfig(horizon=6, lookback=24, cadence=6)
+    net = tft.build_network(config).eval()
+    rng = np.random.default_rng(0)
+    encoder = rng.normal(size=(20, config.lookback, 8)).astype(np.float32)
+    future = 1.6e9 + 3600 * (np.arange(20)[:, None] + np.arange(1, 7))
+    whole = tft.forward(net, encoder, future)
+    monkeypatch.setattr(tft, "FORWARD_CHUNK", 7)  # 7 + 7 + 6 windows
+    np.testing.assert_allclose(tft.forward(net, encoder, future), whole, rtol=1e-5, atol=1e-6)
