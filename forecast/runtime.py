@@ -16,7 +16,6 @@ import functools
 import gc
 import logging
 import os
-import platform
 import signal
 import threading
 from collections.abc import Awaitable, Callable
@@ -56,6 +55,7 @@ log = logging.getLogger(__name__)
 
 Feeder = Callable[[AIOKafkaProducer, str], Awaitable[object]]
 SHUTDOWN_DEADLINE = 9.0  # seconds from SIGTERM (or a worker fault) to the process's exit
+TRIM_EVERY = 10.0  # seconds between returns of the C heap's free pages to the system
 
 
 @dataclass
@@ -316,16 +316,13 @@ def settle_heap(stack: contextlib.AsyncExitStack) -> None:
         stack.push_async_callback(_cancel, trimming)
 
 
-TRIM_EVERY = 10.0
-
-
 def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``, or None where the C library is not glibc."""
-    if platform.libc_ver()[0] != "glibc":
-        return None
     try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return None
         return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    except (ValueError, OSError, AttributeError):
         return None
 
 
