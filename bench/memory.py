@@ -127,7 +127,9 @@ async def _fill(bootstrap: str, settings: Settings, report: Memory, window: int)
     """Every sensor's window, one record of its history each, until committed."""
     started = time.perf_counter()
     topic = settings.topic("readings")
-    records = history(range(report.sensors), range(window), window, prefix="mem")
+    records = history(
+        range(report.sensors), range(window), window, "mem", block=min(100, report.sensors)
+    )
     report.fill = await produce(bootstrap, [topic], records)
     group = settings.topic(settings.worker_app)
     await wait_committed(bootstrap, group, topic, report.fill.records)

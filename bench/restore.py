@@ -95,7 +95,9 @@ async def _fill(
 ) -> tuple[Produced, float]:
     """A worker takes every sensor's window and stops once it has committed it."""
     topic = settings.topic("readings")
-    fill = await produce(bootstrap, [topic], history(range(sensors), range(window), window))
+    fill = await produce(
+        bootstrap, [topic], history(range(sensors), range(window), window, block=min(100, sensors))
+    )
     async with contextlib.AsyncExitStack() as stack:
         started = time.perf_counter()
         worker = await start_worker(stack, settings, bootstrap)

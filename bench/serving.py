@@ -226,18 +226,24 @@ def reading(sensor: int, step: int, prefix: str = "bench") -> dict:
     return {"sensor_id": f"{prefix}.{sensor}", "ts": START + STEP * step, "value": value}
 
 
-def _record(batch: list[dict]) -> Record:
+def _record(batch: list[dict], key: str | None = None) -> Record:
     value = orjson.dumps(batch if len(batch) > 1 else batch[0])
-    return batch[0]["sensor_id"].encode(), value, len(batch)
+    return (key or batch[0]["sensor_id"]).encode(), value, len(batch)
 
 
-def history(sensors: Iterable[int], steps: range, per_record: int, prefix: str = "bench"):
-    """Each sensor's readings ``steps``, ``per_record`` consecutive ones to a record
-    (keyed by the sensor): fills windows with few records, and few state snapshots."""
+def history(
+    sensors: Iterable[int], steps: range, per_record: int, prefix: str = "bench", block: int = 1
+):
+    """Each sensor's readings ``steps``, ``per_record`` consecutive ones to a record: fills
+    windows with few records, and few state snapshots. Keyed by the first sensor of the
+    sensor's block of ``block``, as :func:`rounds` keys its records of that many sensors:
+    a sensor's history and its later readings share a partition (and so a worker, and
+    their order)."""
     for sensor in sensors:
+        key = f"{prefix}.{sensor - sensor % block}"
         for first in range(steps.start, steps.stop, per_record):
             last = min(first + per_record, steps.stop)
-            yield _record([reading(sensor, step, prefix) for step in range(first, last)])
+            yield _record([reading(sensor, step, prefix) for step in range(first, last)], key)
 
 
 def rounds(sensors: int, steps: range, per_record: int, limit: int, prefix: str = "bench"):

@@ -882,14 +882,19 @@ def bench_throughput(
     click.echo(f"  served in the timed part: {r.engine.served.describe()}")
     click.echo(_stage_table(r.engine.stages, readings))
     for count, run in r.processes.items():
-        rate = r.per_second(run.seconds)
-        label = f"engine, {count} worker process{'es' if count > 1 else ''}"
+        rate = r.pool_per_second(run.seconds)
+        label = f"engine, {count} worker process{'es' if count > 1 else ''} (warm-up too)"
         click.echo(f"{label:<58}{rate:>12,.0f} readings/s  ({engine / rate:.2f}x)")
         click.echo(f"  served in the timed part: {run.served.describe()}")
     if len(r.processes) == 2:
-        one, many = (r.per_second(run.seconds) for run in r.processes.values())
+        one, many = (r.pool_per_second(run.seconds) for run in r.processes.values())
         click.echo(f"{workers} worker processes over 1: {many / one:.2f}x")
     click.echo("the ratio column is the in-process engine's rate over each row's rate")
+    if r.processes:
+        click.echo(
+            "worker processes: the warm-up and the timed readings, from their start to "
+            "their group's commit of the last record (start-up and rebalance included)"
+        )
     click.echo(machine())
     click.echo(
         f"command: forecast bench throughput --readings {readings} --per-record {per_record} "
